@@ -1,0 +1,68 @@
+// Shared glue between XLA FFI handlers and CUDA kernels: error conversion, buffer checks.
+// Kernels know nothing of XLA; handlers use only these helpers to talk to it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_moe {
+
+namespace ffi = xla::ffi;
+
+inline ffi::Error InvalidArgument(const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, msg);
+}
+
+inline ffi::Error CudaError(cudaError_t err, const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("jax_moe: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// Checks the last launch; returns from the handler with an ffi::Error on failure.
+#define JAX_MOE_CHECK_LAUNCH(what)                          \
+  do {                                                      \
+    cudaError_t jax_moe_err_ = cudaGetLastError();          \
+    if (jax_moe_err_ != cudaSuccess)                        \
+      return ::jax_moe::CudaError(jax_moe_err_, what);      \
+  } while (0)
+
+#define JAX_MOE_RETURN_IF_ERROR(expr)        \
+  do {                                       \
+    ::xla::ffi::Error jax_moe_e_ = (expr);   \
+    if (jax_moe_e_.failure()) return jax_moe_e_; \
+  } while (0)
+
+inline bool IsFp8E4M3(const ffi::AnyBuffer& b) {
+  return b.element_type() == ffi::DataType::F8E4M3FN;
+}
+
+// Checks rank and each dimension of a buffer; `name` is the argument's user-facing name.
+template <typename Buf>
+ffi::Error CheckShape(const Buf& b, const char* name, std::initializer_list<int64_t> dims) {
+  auto d = b.dimensions();
+  if (d.size() != dims.size()) {
+    return InvalidArgument(std::string("jax_moe: ") + name + ": expected rank " +
+                           std::to_string(dims.size()) + ", got " + std::to_string(d.size()));
+  }
+  int i = 0;
+  for (int64_t want : dims) {
+    if (want >= 0 && d[i] != want) {
+      return InvalidArgument(std::string("jax_moe: ") + name + ": dimension " + std::to_string(i) +
+                             " expected " + std::to_string(want) + ", got " +
+                             std::to_string(d[i]));
+    }
+    ++i;
+  }
+  return ffi::Error::Success();
+}
+
+inline int64_t Dim(const ffi::AnyBuffer& b, int i) { return b.dimensions()[i]; }
+
+inline unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+}  // namespace jax_moe

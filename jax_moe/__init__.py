@@ -1,0 +1,20 @@
+"""jax_moe: DeepSeek-style FP8 block-scaled Mixture-of-Experts layers for JAX.
+
+CUDA kernels (XLA FFI custom calls) on Hopper GPUs, the same API in pure JAX everywhere else.
+"""
+from . import reference
+from ._native import cuda_available, cuda_status
+from .api import MoEOutputs, fp8_block_scale_moe, fp8_block_scale_routed_moe, route
+from .enums import ActivationType, RoutingMethodType
+from .quant import (dequantize_activations, dequantize_weights, quantize_activations,
+                    quantize_weights)
+from .routing import pack_topk, unpack_topk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationType", "MoEOutputs", "RoutingMethodType", "cuda_available", "cuda_status",
+    "dequantize_activations", "dequantize_weights", "fp8_block_scale_moe",
+    "fp8_block_scale_routed_moe", "pack_topk", "quantize_activations", "quantize_weights",
+    "reference", "route", "unpack_topk",
+]

@@ -1,0 +1,182 @@
+"""The public MoE functions: validate once, choose the backend, run the stages.
+
+Stages (ARCHITECTURE.md): route -> plan -> permute -> gemm1 -> act_quant -> gemm2 -> finalize.
+`reference` implements them in pure JAX, `ops` as CUDA custom calls; both share this driver.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks, _native, ops, reference
+from .enums import ActivationType, RoutingMethodType
+from .routing import unpack_topk
+
+
+class MoEOutputs(NamedTuple):
+    """Result of `do_finalize=False`."""
+    expert_outputs: jax.Array  # bf16 [T, k, H], GEMM2 output of expert topk_ids[t, j], unweighted
+    topk_weights: jax.Array  # [T, k]
+    topk_ids: jax.Array  # int32 [T, k]
+
+
+# CUDA routing kernel limits (larger configurations route in pure JAX under backend="auto").
+CUDA_ROUTE_MAX_EXPERTS = 512
+CUDA_ROUTE_MAX_TOPK = 32
+CUDA_ROUTE_MAX_TOPK_DEEPSEEK = 8
+CUDA_ROUTE_MAX_GROUPS = 8
+CUDA_ROUTE_MAX_GROUP_SIZE = 32
+
+
+def _use_cuda(backend):
+    backend = _checks.backend_name(backend)
+    if backend == "xla":
+        return False
+    ok, why = _native.cuda_status()
+    if backend == "cuda" and not ok:
+        raise RuntimeError(f"backend='cuda': the CUDA path is not available here: {why}")
+    return ok
+
+
+def _cuda_route_supported(num_experts, top_k, method, n_group):
+    if num_experts > CUDA_ROUTE_MAX_EXPERTS:
+        return f"num_experts {num_experts} > {CUDA_ROUTE_MAX_EXPERTS}"
+    limit = CUDA_ROUTE_MAX_TOPK_DEEPSEEK if method == RoutingMethodType.DeepSeekV3 else CUDA_ROUTE_MAX_TOPK
+    if top_k > limit:
+        return f"top_k {top_k} > {limit} for {method.name}"
+    if n_group and n_group > 1:
+        if n_group > CUDA_ROUTE_MAX_GROUPS or num_experts // n_group > CUDA_ROUTE_MAX_GROUP_SIZE:
+            return (f"n_group {n_group} with {num_experts // n_group} experts per group "
+                    f"(limits {CUDA_ROUTE_MAX_GROUPS}, {CUDA_ROUTE_MAX_GROUP_SIZE})")
+    return None
+
+
+def route(routing_logits, routing_bias=None, *, top_k, num_experts=None, n_group=None,
+          topk_group=None, routed_scaling_factor=None,
+          routing_method_type=RoutingMethodType.DeepSeekV3, backend="auto"):
+    """Routing of SPEC section 2: logits [T, E] (+ bias [E]) -> (topk_ids int32 [T, k],
+    topk_weights bfloat16 [T, k])."""
+    method = _checks.routing_method(routing_method_type)
+    e = _checks.check_logits(routing_logits, routing_bias, num_experts)
+    top_k, n_group, topk_group, rsf = _checks.check_routing(
+        e, top_k, method, n_group, topk_group, routed_scaling_factor)
+    return _route(routing_logits, routing_bias, top_k, method, n_group, topk_group, rsf,
+                  _use_cuda(backend), strict=backend == "cuda")
+
+
+def _route(logits, bias, top_k, method, n_group, topk_group, rsf, use_cuda, strict):
+    kwargs = dict(top_k=top_k, routing_method_type=method, n_group=n_group,
+                  topk_group=topk_group, routed_scaling_factor=rsf)
+    if bias is not None and method not in (RoutingMethodType.DeepSeekV3, RoutingMethodType.MiniMax2):
+        bias = None  # only DeepSeekV3 and MiniMax2 select with a bias
+    if use_cuda and logits.shape[0] > 0:
+        unsupported = _cuda_route_supported(logits.shape[1], top_k, method, n_group)
+        if unsupported is None:
+            return ops.route(logits, bias, **kwargs)
+        if strict:
+            raise NotImplementedError(f"backend='cuda': routing not supported by the CUDA kernel: {unsupported}")
+    return reference.route(logits, bias, **kwargs)
+
+
+def _local_ids(topk_ids, num_experts, offset):
+    """Global expert ids -> ids relative to this device's first expert; -1 for ids outside [0, E)."""
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    return jnp.where(valid, topk_ids - jnp.asarray(offset, jnp.int32), -1)
+
+
+def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_scale, gemm1_weights,
+                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, num_experts,
+                local_expert_offset, activation_type, do_finalize):
+    """Steps 1-6 of SPEC section 3 given the routing, with `stages` = `reference` or `ops`."""
+    t, k = topk_ids.shape
+    h = hidden_states.shape[1]
+    if t == 0:
+        if do_finalize:
+            return jnp.zeros((0, h), jnp.bfloat16)
+        return MoEOutputs(jnp.zeros((0, k, h), jnp.bfloat16), topk_weights, topk_ids)
+    e_loc = gemm1_weights.shape[0]
+    plan = stages.plan(_local_ids(topk_ids, num_experts, local_expert_offset), e_loc)
+    rows, row_scales = stages.permute(hidden_states, hidden_states_scale, plan, k)
+    g = stages.grouped_gemm(rows, row_scales, gemm1_weights, gemm1_weights_scale, plan)
+    act, act_scales = stages.act_quant(g, plan, activation_type)
+    y = stages.grouped_gemm(act, act_scales, gemm2_weights, gemm2_weights_scale, plan)
+    out = stages.finalize(y, plan, topk_weights, do_finalize)
+    if do_finalize:
+        return out
+    return MoEOutputs(out, topk_weights, topk_ids)
+
+
+def fp8_block_scale_moe(routing_logits, routing_bias, hidden_states, hidden_states_scale,
+                        gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
+                        *, top_k, num_experts=None, n_group=None, topk_group=None,
+                        intermediate_size=None, local_expert_offset=0, local_num_experts=None,
+                        routed_scaling_factor=None,
+                        routing_method_type=RoutingMethodType.DeepSeekV3,
+                        activation_type=ActivationType.Swiglu, do_finalize=True, backend="auto"):
+    """DeepSeek-style FP8 block-scaled MoE layer (FlashInfer `trtllm_fp8_block_scale_moe`).
+
+    Returns bf16 [T, H], or `MoEOutputs` with `do_finalize=False`. See SPEC section 1."""
+    method = _checks.routing_method(routing_method_type)
+    e = _checks.check_logits(routing_logits, routing_bias, num_experts)
+    top_k, n_group, topk_group, rsf = _checks.check_routing(
+        e, top_k, method, n_group, topk_group, routed_scaling_factor)
+    _, _, _, offset = _checks.check_experts(
+        hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+        gemm2_weights_scale, num_tokens=routing_logits.shape[0], num_experts=e,
+        intermediate_size=intermediate_size, local_expert_offset=local_expert_offset,
+        local_num_experts=local_num_experts, activation_type=activation_type)
+    use_cuda = _use_cuda(backend)
+    ids, weights = _route(routing_logits, routing_bias, top_k, method, n_group, topk_group, rsf,
+                          use_cuda, strict=backend == "cuda")
+    return run_experts(ops if use_cuda else reference, ids, weights, hidden_states,
+                       hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                       gemm2_weights_scale, num_experts=e, local_expert_offset=offset,
+                       activation_type=_checks.activation(activation_type), do_finalize=do_finalize)
+
+
+def fp8_block_scale_routed_moe(topk_ids, routing_bias, hidden_states, hidden_states_scale,
+                               gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                               gemm2_weights_scale, *, top_k, num_experts=None, n_group=None,
+                               topk_group=None, intermediate_size=None, local_expert_offset=0,
+                               local_num_experts=None, routed_scaling_factor=None,
+                               routing_method_type=RoutingMethodType.DeepSeekV3,
+                               activation_type=ActivationType.Swiglu, do_finalize=True,
+                               backend="auto"):
+    """Pre-routed MoE (FlashInfer `trtllm_fp8_block_scale_routed_moe`).
+
+    `topk_ids` is packed int32 [T, k] ((id << 16) | bf16 bits of the weight) or a tuple
+    (ids int32 [T, k], weights bf16/f32 [T, k]). The weights are used as given; the routing
+    arguments (bias, groups, scaling factor, method) are accepted for signature compatibility and
+    only validated. Ids outside [0, num_experts) are skipped. `num_experts` defaults to
+    local_expert_offset + local_num_experts when not given."""
+    t, k = _checks.check_topk_ids(topk_ids)
+    top_k = _checks._static_int(top_k, "top_k", minimum=1)
+    if k != top_k:
+        raise ValueError(f"topk_ids: expected shape [T, top_k={top_k}], got {(t, k)}")
+    _checks.routing_method(routing_method_type)
+    e_loc = gemm1_weights.shape[0] if hasattr(gemm1_weights, "shape") and len(gemm1_weights.shape) == 3 else None
+    if num_experts is None:
+        if routing_bias is not None and hasattr(routing_bias, "shape"):
+            num_experts = routing_bias.shape[0]
+        elif isinstance(local_expert_offset, int) and e_loc is not None:
+            num_experts = local_expert_offset + e_loc
+        else:
+            raise ValueError("num_experts: required when local_expert_offset is traced")
+    num_experts = _checks._static_int(num_experts, "num_experts", minimum=1)
+    _checks.check_bias(routing_bias, num_experts)
+    if top_k > num_experts:
+        raise ValueError(f"top_k: expected top_k <= num_experts = {num_experts}, got {top_k}")
+    _, _, _, offset = _checks.check_experts(
+        hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+        gemm2_weights_scale, num_tokens=t, num_experts=num_experts,
+        intermediate_size=intermediate_size, local_expert_offset=local_expert_offset,
+        local_num_experts=local_num_experts, activation_type=activation_type)
+    if isinstance(topk_ids, (tuple, list)):
+        ids, weights = topk_ids
+    else:
+        ids, weights = unpack_topk(topk_ids)
+    use_cuda = _use_cuda(backend)
+    return run_experts(ops if use_cuda else reference, ids, weights, hidden_states,
+                       hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                       gemm2_weights_scale, num_experts=num_experts, local_expert_offset=offset,
+                       activation_type=_checks.activation(activation_type), do_finalize=do_finalize)

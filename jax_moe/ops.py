@@ -1,0 +1,129 @@
+"""Thin wrappers, one per XLA FFI target: the result shapes (abstract-eval rule) + `ffi_call`.
+
+Each wrapper is usable on its own (e.g. `grouped_gemm` for other models). The stage functions at
+the bottom give the CUDA targets the same signatures as the stages in `reference.py`.
+
+Layout contract shared by the CUDA stages (M = T*k rows, no padding):
+  * expert_offsets int32 [G+1]: rows of local expert g are [offsets[g], offsets[g+1]); rows past
+    offsets[G] are unused (their contents are unspecified and never read by later stages).
+  * Activation-side scales of a grouped row buffer with K columns use the *grouped MN-major*
+    layout (CUTLASS's default for 1x128 A-scales): a float32 vector of M*K/128 values where group
+    g occupies [offsets[g]*K/128, offsets[g+1]*K/128) as a [K/128, M_g] row-major block, i.e.
+    scale(row r of group g, k-block kb) = s[offsets[g]*K/128 + kb*M_g + (r - offsets[g])].
+  * Weight scales are [G, N/128, K/128] float32 as given by the user.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import quant
+from .enums import is_gated
+
+BLOCK = quant.BLOCK
+FP8 = quant.FP8
+
+
+def _i32(v):
+    return np.int32(v)
+
+
+# --------------------------------------------------------------------------- route
+def route(routing_logits, routing_bias, *, top_k, routing_method_type, n_group=None,
+          topk_group=None, routed_scaling_factor=None):
+    """`jax_moe_route`: logits [T, E] f32|bf16, bias f32 [E] (zeros when absent)
+    -> (ids int32 [T, k], weights bf16 [T, k]). SPEC section 2, ties to the lower index."""
+    t, e = routing_logits.shape
+    bias = (jnp.zeros((e,), jnp.float32) if routing_bias is None
+            else routing_bias.astype(jnp.float32))
+    rsf = 1.0 if routed_scaling_factor is None else routed_scaling_factor
+    return jax.ffi.ffi_call(
+        "jax_moe_route",
+        (jax.ShapeDtypeStruct((t, top_k), jnp.int32), jax.ShapeDtypeStruct((t, top_k), jnp.bfloat16)),
+        vmap_method="broadcast_all",
+    )(routing_logits, bias, top_k=_i32(top_k), routing_method=_i32(routing_method_type),
+      n_group=_i32(n_group or 1), topk_group=_i32(topk_group or 1),
+      routed_scaling_factor=np.float32(rsf))
+
+
+# --------------------------------------------------------------------------- plan / permute
+class Plan(NamedTuple):
+    expert_offsets: jax.Array  # int32 [E_loc + 1]
+    slot_to_row: jax.Array  # int32 [T*k], -1 where the expert is not local
+    row_to_slot: jax.Array  # int32 [T*k], -1 past expert_offsets[E_loc]
+
+
+def plan(local_ids, num_local_experts):
+    """`jax_moe_plan`: local expert ids int32 [T, k] (global id minus local_expert_offset;
+    values outside [0, E_loc) are not local) -> Plan. Within an expert, rows keep slot order, so
+    the result is deterministic."""
+    num_slots = local_ids.size
+    offsets, slot_to_row, row_to_slot = jax.ffi.ffi_call(
+        "jax_moe_plan",
+        (jax.ShapeDtypeStruct((num_local_experts + 1,), jnp.int32),
+         jax.ShapeDtypeStruct((num_slots,), jnp.int32),
+         jax.ShapeDtypeStruct((num_slots,), jnp.int32)),
+    )(local_ids.astype(jnp.int32), num_local_experts=_i32(num_local_experts))
+    return Plan(offsets, slot_to_row, row_to_slot)
+
+
+def permute(hidden_states, hidden_states_scale, p: Plan, top_k):
+    """`jax_moe_permute`: hidden fp8 [T, H], scale f32 [H/128, T] -> (rows fp8 [T*k, H],
+    row scales f32 [T*k*H/128] in the grouped MN-major layout)."""
+    t, h = hidden_states.shape
+    m = t * top_k
+    return jax.ffi.ffi_call(
+        "jax_moe_permute",
+        (jax.ShapeDtypeStruct((m, h), FP8), jax.ShapeDtypeStruct((m * h // BLOCK,), jnp.float32)),
+    )(hidden_states, hidden_states_scale, p.row_to_slot, p.expert_offsets, top_k=_i32(top_k))
+
+
+# --------------------------------------------------------------------------- grouped GEMM
+def grouped_gemm_workspace_bytes(num_groups):
+    """Device workspace of `jax_moe_grouped_gemm`: per-group problem shapes, pointer arrays,
+    strides and scale layouts written by its setup kernel, plus CUTLASS's own workspace."""
+    return 1024 * num_groups + (1 << 16)
+
+
+def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloat16):
+    """`jax_moe_grouped_gemm`: a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major),
+    b fp8 [G, N, K], b_scale f32 [G, N/128, K/128], offsets int32 [G+1] -> d bf16 [M, N] with
+    d[r] = dequant(a[r]) @ dequant(b[g]).T for r in group g (float32 accumulation, block scales
+    applied per 128 of K). Rows past offsets[G] are not written."""
+    m, _ = a.shape
+    g, n, _ = b.shape
+    d, _ = jax.ffi.ffi_call(
+        "jax_moe_grouped_gemm",
+        (jax.ShapeDtypeStruct((m, n), out_dtype),
+         jax.ShapeDtypeStruct((grouped_gemm_workspace_bytes(g),), jnp.uint8)),
+    )(a, a_scale, b, b_scale, expert_offsets)
+    return d
+
+
+def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jnp.bfloat16):
+    return grouped_gemm_raw(rows, row_scales, weights, weight_scales, p.expert_offsets, out_dtype)
+
+
+# --------------------------------------------------------------------------- activation
+def act_quant(g, p: Plan, activation_type):
+    """`jax_moe_act_quant`: GEMM1 output bf16 [M, 2I] (gated) or [M, I] -> (fp8 [M, I],
+    scales f32 [M*I/128] grouped MN-major). Only rows below offsets[E_loc] are processed."""
+    m, n = g.shape
+    i = n // 2 if is_gated(activation_type) else n
+    return jax.ffi.ffi_call(
+        "jax_moe_act_quant",
+        (jax.ShapeDtypeStruct((m, i), FP8), jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32)),
+    )(g, p.expert_offsets, activation=_i32(activation_type))
+
+
+# --------------------------------------------------------------------------- finalize
+def finalize(y, p: Plan, topk_weights, do_finalize=True):
+    """`jax_moe_finalize`: GEMM2 rows bf16 [M, H], slot_to_row, weights bf16 [T, k] ->
+    out bf16 [T, H] (float32 weighted sum in slot order) or, with do_finalize=False, the
+    unweighted per-slot outputs bf16 [T, k, H] (zeros where not local)."""
+    t, k = topk_weights.shape
+    h = y.shape[1]
+    shape = (t, h) if do_finalize else (t, k, h)
+    return jax.ffi.ffi_call("jax_moe_finalize", jax.ShapeDtypeStruct(shape, jnp.bfloat16))(
+        y, p.slot_to_row, topk_weights.astype(jnp.bfloat16), do_finalize=bool(do_finalize))

@@ -1,0 +1,100 @@
+"""Routing formulas of SPEC section 2 in pure JAX, and the packed top-k format."""
+import jax
+import jax.numpy as jnp
+
+from .enums import RoutingMethodType as R
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _softmax(x):
+    e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _topk(v, k):
+    """k largest along the last axis, descending; on ties the smaller index wins.
+
+    lax.top_k already breaks ties by the lower index; NaN ranks above every number.
+    """
+    return jax.lax.top_k(v, k)
+
+
+def _grouped_select(b, k, n_group, topk_group):
+    """DeepSeekV3 group-limited selection over the biased scores b [T, E] -> ids [T, k]."""
+    t, e = b.shape
+    per_group = e // n_group
+    grouped = b.reshape(t, n_group, per_group)
+    top2, _ = _topk(grouped, min(2, per_group))
+    group_score = jnp.sum(top2, axis=-1)  # [T, n_group]
+    _, kept = _topk(group_score, topk_group)  # [T, topk_group]
+    keep = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], kept].set(True)
+    masked = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
+    _, ids = _topk(masked, k)
+    return ids
+
+
+def route_xla(routing_logits, routing_bias, *, top_k, routing_method_type, n_group=None,
+              topk_group=None, routed_scaling_factor=None):
+    """logits [T, E] (+ bias [E]) -> (topk_ids int32 [T, k], topk_weights bfloat16 [T, k])."""
+    method = R(routing_method_type)
+    logits = jnp.asarray(routing_logits).astype(jnp.float32)
+    k = top_k
+    rsf = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
+    bias = (jnp.zeros(logits.shape[-1], jnp.float32) if routing_bias is None
+            else jnp.asarray(routing_bias).astype(jnp.float32))
+
+    def take(v, ids):
+        return jnp.take_along_axis(v, ids, axis=-1)
+
+    if method == R.Default:
+        p = _softmax(logits)
+        w, ids = _topk(p, k)
+    elif method == R.Renormalize:
+        sel, ids = _topk(logits, k)
+        w = _softmax(sel)
+    elif method in (R.DeepSeekV3, R.MiniMax2):
+        s = _sigmoid(logits)
+        b = s + bias
+        if method == R.DeepSeekV3 and n_group is not None and n_group > 1:
+            ids = _grouped_select(b, k, n_group, topk_group)
+        else:
+            _, ids = _topk(b, k)
+        sel = take(s, ids)
+        w = sel / (jnp.sum(sel, axis=-1, keepdims=True) + 1e-20) * rsf
+    elif method == R.Llama4:
+        sel, ids = _topk(logits, 1)
+        w = _sigmoid(sel)
+    elif method == R.RenormalizeNaive:
+        sel, ids = _topk(_softmax(logits), k)
+        w = sel / jnp.sum(sel, axis=-1, keepdims=True)
+    elif method == R.TopK:
+        w, ids = _topk(logits, k)
+    elif method == R.SigmoidRenorm:
+        sel, ids = _topk(_sigmoid(logits), k)
+        w = sel / jnp.maximum(jnp.sum(sel, axis=-1, keepdims=True), 1e-20)
+    elif method == R.Sigmoid:
+        w, ids = _topk(_sigmoid(logits), k)
+    elif method == R.TopKSigmoid:
+        sel, ids = _topk(logits, k)
+        w = _sigmoid(sel)
+    else:  # pragma: no cover - _checks rejects unknown methods first
+        raise NotImplementedError(f"routing_method_type {method!r}")
+    return ids.astype(jnp.int32), w.astype(jnp.bfloat16)
+
+
+def pack_topk(topk_ids, topk_weights):
+    """(ids int32 [T, k], weights [T, k]) -> packed int32 [T, k]: (id << 16) | bf16 bits of weight."""
+    ids = jnp.asarray(topk_ids).astype(jnp.int32)
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(topk_weights).astype(jnp.bfloat16), jnp.uint16)
+    return (ids << 16) | bits.astype(jnp.int32)
+
+
+def unpack_topk(packed):
+    """packed int32 [T, k] -> (ids int32 [T, k], weights bfloat16 [T, k])."""
+    packed = jnp.asarray(packed).astype(jnp.int32)
+    ids = (packed >> 16) & 0xFFFF
+    bits = (packed & 0xFFFF).astype(jnp.uint16)
+    return ids.astype(jnp.int32), jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
