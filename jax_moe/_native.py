@@ -4,12 +4,17 @@ import os
 
 import jax
 
-try:  # the compiled extension is optional: without it every call takes the pure-JAX path
-    from . import _ffi
-    _IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover - depends on the build
-    _ffi = None
-    _IMPORT_ERROR = e
+import importlib.util
+
+_ffi = None
+if importlib.util.find_spec(__package__ + "._ffi") is None:
+    _IMPORT_ERROR = "not built"
+else:  # the compiled extension is optional: without it every call takes the pure-JAX path
+    try:
+        from . import _ffi
+        _IMPORT_ERROR = None
+    except ImportError as e:  # pragma: no cover - depends on the build
+        _IMPORT_ERROR = e
 
 SUPPORTED_COMPUTE_CAPABILITIES = {"9.0": "90a", "10.0": "100a"}
 
@@ -27,7 +32,7 @@ def cuda_status():
     if os.environ.get("JAX_MOE_DISABLE_CUDA"):
         return False, "disabled by JAX_MOE_DISABLE_CUDA"
     if _ffi is None:
-        return False, f"compiled module jax_moe._ffi not importable ({_IMPORT_ERROR})"
+        return False, f"compiled module jax_moe._ffi unavailable ({_IMPORT_ERROR})"
     if not _ffi.built_with_cuda:
         return False, "jax_moe was built without CUDA kernels (no nvcc at build time)"
     try:

@@ -1,0 +1,48 @@
+"""Random, realistic MoE layer inputs (for the main job, benchmarks and tests).
+
+Hidden states and weights are drawn N(0, 1)/sqrt(fan_in) and quantized to FP8 with 128-blocks,
+like trained weights; never zeros or ones. Weights are generated one expert at a time on the
+device, so the DeepSeek-V3 shape (11 GB of FP8 expert weights) never needs a float32 copy.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import quant
+from .enums import ActivationType, is_gated
+
+
+class MoEInputs(NamedTuple):
+    routing_logits: jax.Array
+    routing_bias: jax.Array
+    hidden_states: jax.Array
+    hidden_states_scale: jax.Array
+    gemm1_weights: jax.Array
+    gemm1_weights_scale: jax.Array
+    gemm2_weights: jax.Array
+    gemm2_weights_scale: jax.Array
+
+
+def _expert_weights(key, num_experts, n, k):
+    """FP8 [E, N, K] and scales [E, N/128, K/128], generated expert by expert on the device."""
+    def one(key):
+        w = jax.random.normal(key, (n, k), jnp.float32) / np.sqrt(k)
+        return quant.quantize_weights(w)
+    return jax.jit(lambda keys: jax.lax.map(one, keys))(jax.random.split(key, num_experts))
+
+
+def random_moe_inputs(key, *, num_tokens, hidden_size, intermediate_size, num_experts,
+                      local_num_experts=None, activation_type=ActivationType.Swiglu,
+                      logits_dtype=jnp.float32):
+    e_loc = num_experts if local_num_experts is None else local_num_experts
+    k_logit, k_bias, k_x, k_w1, k_w2 = jax.random.split(key, 5)
+    logits = jax.random.normal(k_logit, (num_tokens, num_experts), jnp.float32).astype(logits_dtype)
+    bias = 0.1 * jax.random.normal(k_bias, (num_experts,), jnp.float32)
+    x = jax.random.normal(k_x, (num_tokens, hidden_size), jnp.float32)
+    xq, xs = quant.quantize_activations(x)
+    rows1 = (2 if is_gated(activation_type) else 1) * intermediate_size
+    w1, w1s = _expert_weights(k_w1, e_loc, rows1, hidden_size)
+    w2, w2s = _expert_weights(k_w2, e_loc, hidden_size, intermediate_size)
+    return MoEInputs(logits, bias, xq, xs, w1, w1s, w2, w2s)
