@@ -1,0 +1,204 @@
+"""Benchmark of jax_moe on the DeepSeek-V3 MoE workloads of SPEC section 7.
+
+    python benchmarks/bench_moe.py [--workloads decode,ep,prefill] [--reps 30] [--json out.json]
+
+In one run: measures the two ceilings (dense FP8 GEMM rate of cuBLAS with per-tensor scales,
+device-to-device copy bandwidth), then for each workload the median time of the jitted op over
+rotating input sets, GEMM TFLOP/s, weight GB/s, roofline fraction, speed-up over the pure-JAX path
+(where it fits), and a per-stage breakdown. Prints a table; writes JSON and, with matplotlib, a PNG.
+"""
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_moe
+from jax_moe import api, ops, reference
+from jax_moe.testing import random_moe_inputs
+
+H, I, E, K, N_GROUP, TOPK_GROUP, RSF = 7168, 2048, 256, 8, 8, 4, 2.5
+WORKLOADS = {  # name: (T, local experts)
+    "decode": [(1, 256), (16, 256), (128, 256)],
+    "ep": [(64, 32), (512, 32), (4096, 32), (16384, 32)],
+    "prefill": [(2048, 256), (8192, 256)],
+}
+ROUTE_KW = dict(top_k=K, n_group=N_GROUP, topk_group=TOPK_GROUP, routed_scaling_factor=RSF,
+                routing_method_type=jax_moe.RoutingMethodType.DeepSeekV3)
+
+
+def median_time(fn, arg_sets, reps, warmup=3):
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    times = []
+    for i in range(reps):
+        args = arg_sets[i % len(arg_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
+
+
+def ceilings(reps):
+    """(FP8 dense GEMM FLOP/s through cuBLAS, copy bytes/s): torch when present, else XLA."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            raise ImportError
+        n = 8192
+        a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device="cuda")
+        f = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        src = torch.randint(0, 255, (1 << 31,), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        g = lambda: dst.copy_(src)
+        out = {}
+        for name, fn, work in (("gemm", f, 2.0 * n ** 3), ("copy", g, 2.0 * src.numel())):
+            for _ in range(3):
+                fn()
+            ts = []
+            for _ in range(reps):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record(); fn(); e.record(); torch.cuda.synchronize()
+                ts.append(s.elapsed_time(e) / 1e3)
+            out[name] = work / float(np.median(ts))
+        del a, b, src, dst
+        torch.cuda.empty_cache()
+        return out["gemm"], out["copy"], "torch (cuBLAS _scaled_mm, copy_)"
+    except ImportError:
+        n = 8192
+        a = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(jnp.float8_e4m3fn)
+        b = jax.random.normal(jax.random.PRNGKey(2), (n, n)).astype(jnp.float8_e4m3fn)
+        mm = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                                      preferred_element_type=jnp.bfloat16))
+        t_mm = median_time(mm, [(a, b)], reps)[0]
+        x = jax.random.randint(jax.random.PRNGKey(3), (1 << 29,), 0, 1 << 30, jnp.int32)
+        cp = jax.jit(lambda x: x + 1)
+        t_cp = median_time(cp, [(x,)], reps)[0]
+        return 2.0 * n ** 3 / t_mm, 2.0 * x.nbytes / t_cp, "XLA (fp8 dot, elementwise copy)"
+
+
+def stage_times(inp, t, e_loc, reps, arg_sets):
+    """Per-stage medians, each stage jitted alone on the outputs of the previous one."""
+    k = K
+    route = jax.jit(lambda l, b: api._route(l, b, K, jax_moe.RoutingMethodType.DeepSeekV3, N_GROUP,
+                                            TOPK_GROUP, RSF, True, False))
+    ids, w = route(arg_sets[0][0], inp.routing_bias)
+    local = jax.jit(lambda ids: api._local_ids(ids, E, 0))(ids)
+    plan_fn = jax.jit(lambda l: ops.plan(l, e_loc))
+    p = plan_fn(local)
+    perm = jax.jit(lambda x, s, p: ops.permute(x, s, p, k))
+    rows, rs = perm(arg_sets[0][2], arg_sets[0][3], p)
+    g1 = jax.jit(lambda r, s, p: ops.grouped_gemm(r, s, inp.gemm1_weights, inp.gemm1_weights_scale, p))
+    g = g1(rows, rs, p)
+    aq = jax.jit(lambda g, p: ops.act_quant(g, p, jax_moe.ActivationType.Swiglu))
+    q, qs = aq(g, p)
+    g2 = jax.jit(lambda q, s, p: ops.grouped_gemm(q, s, inp.gemm2_weights, inp.gemm2_weights_scale, p))
+    y = g2(q, qs, p)
+    fin = jax.jit(lambda y, p, w: ops.finalize(y, p, w))
+    res = {}
+    for name, fn, args in (("route", route, (arg_sets[0][0], inp.routing_bias)), ("plan", plan_fn, (local,)),
+                           ("permute", perm, (arg_sets[0][2], arg_sets[0][3], p)), ("gemm1", g1, (rows, rs, p)),
+                           ("act_quant", aq, (g, p)), ("gemm2", g2, (q, qs, p)), ("finalize", fin, (y, p, w))):
+        res[name] = median_time(fn, [args], reps)[0]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", default="decode,ep,prefill")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--sets", type=int, default=4, help="rotating token-input sets")
+    ap.add_argument("--xla-max-rows", type=int, default=4096,
+                    help="measure the pure-JAX path only up to this many routed rows")
+    ap.add_argument("--no-stages", action="store_true")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_moe.json"))
+    ap.add_argument("--png", default=os.path.join(os.environ.get("OUT", "."), "bench_moe.png"))
+    args = ap.parse_args()
+
+    ok, why = jax_moe.cuda_status()
+    print(f"device: {jax.devices()[0].device_kind}; CUDA path: {ok} ({why})", flush=True)
+    flops_peak, copy_bw, how = ceilings(args.reps)
+    print(f"ceilings ({how}): FP8 GEMM {flops_peak / 1e12:.0f} TFLOP/s, copy {copy_bw / 1e12:.2f} TB/s", flush=True)
+
+    weights = {}
+    results = []
+    for group in args.workloads.split(","):
+        for t, e_loc in WORKLOADS[group]:
+            if e_loc not in weights:
+                weights.clear()
+                weights[e_loc] = random_moe_inputs(jax.random.PRNGKey(0), num_tokens=1, hidden_size=H,
+                                                   intermediate_size=I, num_experts=E, local_num_experts=e_loc)
+            inp = weights[e_loc]
+            sets = []
+            for s in range(args.sets):
+                tok = random_moe_inputs(jax.random.PRNGKey(100 + s), num_tokens=t, hidden_size=128,
+                                        intermediate_size=128, num_experts=E, local_num_experts=1)
+                x = jax.random.normal(jax.random.PRNGKey(200 + s), (t, H), jnp.float32)
+                xq, xs = jax_moe.quantize_activations(x)
+                sets.append((tok.routing_logits, inp.routing_bias, xq, xs, inp.gemm1_weights,
+                             inp.gemm1_weights_scale, inp.gemm2_weights, inp.gemm2_weights_scale))
+            fn = jax.jit(lambda *a: jax_moe.fp8_block_scale_moe(*a, **ROUTE_KW, backend="auto"))
+            med, p10, p90 = median_time(fn, sets, args.reps)
+            ids, _ = jax_moe.route(sets[0][0], inp.routing_bias, **ROUTE_KW)
+            ids = np.asarray(ids)
+            local = (ids >= 0) & (ids < e_loc)
+            rows = int(local.sum())
+            hit = len(np.unique(ids[local]))
+            flops = rows * 6.0 * H * I
+            wbytes = hit * (3 * H * I + 3 * (H // 128) * (I // 128) * 4)
+            act_bytes = t * H * (1 + 2)  # tokens in (fp8) and out (bf16): the unavoidable activation bytes
+            roof = max(flops / flops_peak, (wbytes + act_bytes) / copy_bw)
+            r = dict(workload=group, T=t, local_experts=e_loc, rows=rows, experts_hit=hit,
+                     time_ms=med * 1e3, p10_ms=p10 * 1e3, p90_ms=p90 * 1e3,
+                     tflops=flops / med / 1e12, weight_gbs=wbytes / med / 1e9,
+                     roofline_ms=roof * 1e3, roofline_fraction=roof / med)
+            if rows <= args.xla_max_rows:
+                fx = jax.jit(lambda *a: jax_moe.fp8_block_scale_moe(*a, **ROUTE_KW, backend="xla"))
+                tx = median_time(fx, sets[:1], max(3, args.reps // 10), warmup=1)[0]
+                r["xla_ms"] = tx * 1e3
+                r["speedup_vs_xla"] = tx / med
+            if ok and not args.no_stages:
+                r["stages_ms"] = {k: v * 1e3 for k, v in stage_times(inp, t, e_loc, args.reps, sets).items()}
+            results.append(r)
+            print(json.dumps(r), flush=True)
+
+    summary = dict(device=jax.devices()[0].device_kind, cuda=ok, ceilings_how=how,
+                   fp8_gemm_tflops=flops_peak / 1e12, copy_tbs=copy_bw / 1e12, results=results,
+                   date=time.strftime("%Y-%m-%d"))
+    with open(args.json, "w") as f:
+        json.dump(summary, f, indent=1)
+    hdr = f"{'workload':<8} {'T':>6} {'E_loc':>5} {'rows':>7} {'hit':>4} {'ms':>8} {'TFLOP/s':>8} {'wGB/s':>7} {'roof ms':>8} {'frac':>5} {'xla x':>7}"
+    print(hdr)
+    for r in results:
+        sp = f"{r['speedup_vs_xla']:.1f}" if "speedup_vs_xla" in r else "-"
+        print(f"{r['workload']:<8} {r['T']:>6} {r['local_experts']:>5} {r['rows']:>7} {r['experts_hit']:>4} "
+              f"{r['time_ms']:>8.3f} {r['tflops']:>8.1f} {r['weight_gbs']:>7.0f} {r['roofline_ms']:>8.3f} "
+              f"{r['roofline_fraction']:>5.2f} {sp:>7}")
+    for r in results:
+        if "stages_ms" in r:
+            print(f"stages T={r['T']} E_loc={r['local_experts']}: " +
+                  " ".join(f"{k}={v:.3f}" for k, v in r["stages_ms"].items()))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        labels = [f"{r['workload']}\nT={r['T']}" for r in results]
+        ax.bar(labels, [r["roofline_fraction"] for r in results])
+        ax.axhline(0.9, color="red", linestyle="--", label="0.90 target")
+        ax.set_ylabel("roofline fraction")
+        ax.set_title(f"jax_moe fp8_block_scale_moe, DeepSeek-V3 shapes, {summary['device']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
