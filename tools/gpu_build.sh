@@ -4,7 +4,7 @@
 # Needs the nvidia-cutlass wheel in .deps/ (git-ignored; carry it). Logs go to $OUT (or /tmp).
 set -euo pipefail
 log=${OUT:-/tmp}
-python -c "import cutlass_library" 2>/dev/null || pip install -q --no-deps .deps/nvidia_cutlass-*.whl
+python -c "import cutlass_library" 2>/dev/null || python -m pip install -q --no-deps .deps/nvidia_cutlass-*.whl
 cmake -S . -B build/dev -G Ninja -DJAX_MOE_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$(command -v python)" >"$log/cmake.log" 2>&1 || { tail -30 "$log/cmake.log"; exit 1; }
 start=$(date +%s)
