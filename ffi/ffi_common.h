@@ -65,4 +65,33 @@ inline int64_t Dim(const ffi::AnyBuffer& b, int i) { return b.dimensions()[i]; }
 
 inline unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+
+// Number of SMs of the current device (cached per device; no stream work, graph-capture safe).
+inline int NumSms() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+      n = 132;
+    cached[dev] = n;
+  }
+  return cached[dev];
+}
+
+#ifdef __CUDACC__
+// Group g of row r in a grouped row buffer: the largest g in [0, num_groups) with
+// offsets[g] <= r (empty groups before a non-empty one are skipped). `offsets` has
+// num_groups + 1 entries (usually in shared memory); the caller ensures r < offsets[num_groups].
+__device__ __forceinline__ int FindGroup(const int* offsets, int num_groups, int64_t r) {
+  int lo = 0, hi = num_groups;
+  while (lo < hi) {
+    int mid = (lo + hi) >> 1;
+    if (offsets[mid] <= r) lo = mid + 1; else hi = mid;
+  }
+  return lo - 1;
+}
+#endif
+
 }  // namespace jax_moe

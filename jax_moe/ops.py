@@ -59,13 +59,20 @@ def plan(local_ids, num_local_experts):
     values outside [0, E_loc) are not local) -> Plan. Within an expert, rows keep slot order, so
     the result is deterministic."""
     num_slots = local_ids.size
-    offsets, slot_to_row, row_to_slot = jax.ffi.ffi_call(
+    offsets, slot_to_row, row_to_slot, _ = jax.ffi.ffi_call(
         "jax_moe_plan",
         (jax.ShapeDtypeStruct((num_local_experts + 1,), jnp.int32),
          jax.ShapeDtypeStruct((num_slots,), jnp.int32),
-         jax.ShapeDtypeStruct((num_slots,), jnp.int32)),
+         jax.ShapeDtypeStruct((num_slots,), jnp.int32),
+         # scratch: per-chunk bucket counts (the kernel derives the chunk size from its rows)
+         jax.ShapeDtypeStruct((_plan_chunks(num_slots), num_local_experts + 1), jnp.int32)),
     )(local_ids.astype(jnp.int32), num_local_experts=_i32(num_local_experts))
     return Plan(offsets, slot_to_row, row_to_slot)
+
+
+def _plan_chunks(num_slots):
+    """Chunks the plan kernels cut the slots into: about 1024 slots each, at most 128."""
+    return max(1, min(128, -(-num_slots // 1024)))
 
 
 def permute(hidden_states, hidden_states_scale, p: Plan, top_k):
@@ -82,8 +89,10 @@ def permute(hidden_states, hidden_states_scale, p: Plan, top_k):
 # --------------------------------------------------------------------------- grouped GEMM
 def grouped_gemm_workspace_bytes(num_groups):
     """Device workspace of `jax_moe_grouped_gemm`: per-group problem shapes, pointer arrays,
-    strides and scale layouts written by its setup kernel, plus CUTLASS's own workspace."""
-    return 1024 * num_groups + (1 << 16)
+    strides and scale layouts written by its setup kernel (~120 B per group, 256-B aligned
+    arrays), plus CUTLASS's own workspace (128-B TMA descriptors, 3-4 per SM: ~68 KB on 132
+    SMs). 256 KiB covers GPUs of up to ~500 SMs; the handler errors out if this is too small."""
+    return 1024 * num_groups + (1 << 18)
 
 
 def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloat16):
@@ -127,3 +136,26 @@ def finalize(y, p: Plan, topk_weights, do_finalize=True):
     shape = (t, h) if do_finalize else (t, k, h)
     return jax.ffi.ffi_call("jax_moe_finalize", jax.ShapeDtypeStruct(shape, jnp.bfloat16))(
         y, p.slot_to_row, topk_weights.astype(jnp.bfloat16), do_finalize=bool(do_finalize))
+
+
+# --------------------------------------------------------------------------- layout helpers
+def rows_scales_to_grouped(scales, offsets):
+    """Per-row block scales f32 [M, K/128] + expert_offsets int32 [G+1] -> the grouped MN-major
+    vector f32 [M*K/128] of the module docstring (group g's scales as a [K/128, M_g] row-major
+    block at offsets[g]*K/128). Pure jnp, works under jit with traced offsets. Positions past
+    offsets[G]*K/128 (rows past the last group) hold the row-major scales unchanged."""
+    m, kb = scales.shape
+    offsets = jnp.asarray(offsets, jnp.int32)
+    p = jnp.arange(m * kb, dtype=jnp.int32)
+    starts = offsets * kb
+    # group of position p: the last g with offsets[g]*kb <= p (empty groups are skipped)
+    g = jnp.clip(jnp.searchsorted(starts, p, side="right") - 1, 0, offsets.shape[0] - 2)
+    lo = offsets[g]
+    rows_g = jnp.maximum(offsets[g + 1] - lo, 1)
+    q = p - lo * kb
+    row = lo + q % rows_g
+    blk = q // rows_g
+    inside = p < starts[-1]
+    row = jnp.where(inside, row, p // kb)
+    blk = jnp.where(inside, blk, p % kb)
+    return scales[jnp.clip(row, 0, m - 1), jnp.clip(blk, 0, kb - 1)]

@@ -1,0 +1,217 @@
+// jax_moe_act_quant: activation of the GEMM1 output in float32 and FP8 re-quantization per
+// 1x128 block (SPEC section 3 steps 3-4). A half warp handles one (row, 128-block): 16 lanes of
+// 8 values each (16-byte bf16 loads), amax by shuffles within the half warp. Only rows below
+// expert_offsets[E_loc] (read on the device) are processed; scales go to the grouped MN-major
+// layout.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "ffi_common.h"
+
+namespace jax_moe {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kThreads = 256;
+constexpr int kUnitsPerBlock = kThreads / 16;  // one (row, block) unit per half warp
+constexpr int kMaxGroups = 4096;
+
+enum Act : int { kSwiglu = 3, kGeglu = 4, kRelu2 = 6, kIdentity = 9 };
+
+__device__ __forceinline__ float GeluTanh(float x) {
+  // 0.5 * x * (1 + tanh(c * (x + 0.044715 * x * x * x))), evaluated left to right like the
+  // reference.
+  const float inner = x + ((0.044715f * x) * x) * x;
+  return (0.5f * x) * (1.0f + tanhf(0.7978845608028654f * inner));
+}
+
+__device__ __forceinline__ void Unpack8(const uint4& v, float* f) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 x = __bfloat1622float2(p[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+template <int ACT>
+__global__ void __launch_bounds__(kThreads)
+    ActQuantKernel(const __nv_bfloat16* __restrict__ g, const int32_t* __restrict__ offsets,
+                   int num_groups, int64_t num_rows, int64_t inter,
+                   __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scales) {
+  extern __shared__ int offs[];  // [G + 1]
+  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) offs[i] = offsets[i];
+  __syncthreads();
+  const int64_t valid_rows = min(static_cast<int64_t>(max(offs[num_groups], 0)), num_rows);
+  const int64_t kb_count = inter / 128;
+  const int64_t valid_units = valid_rows * kb_count;
+  constexpr bool kGated = ACT == kSwiglu || ACT == kGeglu;
+  const int64_t in_cols = kGated ? 2 * inter : inter;
+  const int half = (threadIdx.x & 31) >> 4;
+  const int sub = threadIdx.x & 15;
+  const int my_unit = (threadIdx.x >> 5) * 2 + half;
+
+  // Each block takes a contiguous, balanced share of the valid units (the count is known only
+  // here), kUnitsPerBlock per step, so a lane's rows advance slowly and its cached group of the
+  // scale layout rarely changes.
+  const int64_t steps = (valid_units + kUnitsPerBlock - 1) / kUnitsPerBlock;
+  const int64_t steps_per_block = (steps + gridDim.x - 1) / gridDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * steps_per_block * kUnitsPerBlock;
+  const int64_t last = min(first + steps_per_block * kUnitsPerBlock, valid_units);
+  int64_t unit = first + my_unit;
+  int64_t r = unit / kb_count;
+  int64_t kb = unit % kb_count;
+  const int64_t d_r = kUnitsPerBlock / kb_count;
+  const int64_t d_kb = kUnitsPerBlock % kb_count;
+  int64_t g_lo = 0, g_hi = 0;  // cached group [g_lo, g_hi) of the scale layout (empty: none)
+  int grp = -1;
+
+  // Uniform trip count for the whole block (every lane reaches every shuffle).
+  for (int64_t base = first; base < last; base += kUnitsPerBlock) {
+    const bool valid = unit < last;
+    const int64_t col = kb * 128 + sub * 8;
+    float a[8];
+    if (valid) {
+      const __nv_bfloat16* row = g + r * in_cols;
+      float x[8];
+      Unpack8(*reinterpret_cast<const uint4*>(row + col), x);
+      if (kGated) {
+        float gate[8];
+        Unpack8(*reinterpret_cast<const uint4*>(row + inter + col), gate);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (ACT == kSwiglu) a[i] = gate[i] / (1.0f + expf(-gate[i])) * x[i];
+          else a[i] = GeluTanh(gate[i]) * x[i];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (ACT == kRelu2) {
+            float v = fmaxf(x[i], 0.0f);
+            a[i] = v * v;
+          } else {
+            a[i] = x[i];
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a[i] = 0.0f;
+    }
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(a[i]));
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
+    if (valid) {
+      const float s = fmaxf(amax / 448.0f, FLT_MIN);
+      uint2 packed;
+      uint8_t* pb = reinterpret_cast<uint8_t*>(&packed);
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        pb[i] = __nv_cvt_float_to_fp8(a[i] / s, __NV_SATFINITE, __NV_E4M3);
+      *reinterpret_cast<uint2*>(q + r * inter + col) = packed;
+      if (sub == 0) {
+        if (r < g_lo || r >= g_hi) {
+          grp = FindGroup(offs, num_groups, r);
+          g_lo = grp >= 0 ? offs[grp] : 0;
+          g_hi = grp >= 0 ? offs[grp + 1] : 0;
+        }
+        if (grp >= 0 && r >= g_lo && r < g_hi) {
+          const int64_t idx = g_lo * kb_count + kb * (g_hi - g_lo) + (r - g_lo);
+          if (idx >= 0 && idx < num_rows * kb_count) scales[idx] = s;
+        }
+      }
+    }
+    unit += kUnitsPerBlock;
+    kb += d_kb;
+    r += d_r;
+    if (kb >= kb_count) {
+      kb -= kb_count;
+      ++r;
+    }
+  }
+}
+
+ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> g,
+                        ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> q,
+                        ffi::Result<ffi::Buffer<ffi::F32>> scales, int32_t activation) {
+  const bool gated = activation == kSwiglu || activation == kGeglu;
+  if (!gated && activation != kRelu2 && activation != kIdentity) {
+    return InvalidArgument("jax_moe_act_quant: activation: expected Swiglu (3), Geglu (4), "
+                           "Relu2 (6) or Identity (9), got " + std::to_string(activation));
+  }
+  if (g.dimensions().size() != 2) {
+    return InvalidArgument("jax_moe_act_quant: gemm1 output: expected rank 2 [M, N], got rank " +
+                           std::to_string(g.dimensions().size()));
+  }
+  const int64_t m = g.dimensions()[0];
+  const int64_t n = g.dimensions()[1];
+  const int64_t inter = gated ? n / 2 : n;
+  if ((gated && n % 2 != 0) || inter % 128 != 0) {
+    return InvalidArgument(std::string("jax_moe_act_quant: gemm1 output: columns must be ") +
+                           (gated ? "2*I" : "I") + " with I a multiple of 128, got " +
+                           std::to_string(n));
+  }
+  if (!IsFp8E4M3(*q)) {
+    return InvalidArgument("jax_moe_act_quant: output: expected dtype float8_e4m3fn");
+  }
+  if (offsets.dimensions().size() != 1 || offsets.dimensions()[0] < 2 ||
+      offsets.dimensions()[0] > kMaxGroups + 1) {
+    return InvalidArgument("jax_moe_act_quant: expert_offsets: expected shape [E_loc + 1] with "
+                           "1 <= E_loc <= " + std::to_string(kMaxGroups));
+  }
+  const int num_groups = static_cast<int>(offsets.dimensions()[0] - 1);
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*q, "act_quant output", {m, inter}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*scales, "act_quant scales (output)", {m * inter / 128}));
+  if (m == 0 || inter == 0) return ffi::Error::Success();
+
+  const int64_t units = m * (inter / 128);
+  const int64_t needed = (units + kUnitsPerBlock - 1) / kUnitsPerBlock;
+  const int64_t cap = static_cast<int64_t>(NumSms()) * 16;
+  const unsigned grid = static_cast<unsigned>(needed < cap ? needed : cap);
+  const size_t smem = (num_groups + 1) * sizeof(int);
+  auto* gp = reinterpret_cast<const __nv_bfloat16*>(g.typed_data());
+  auto* qp = static_cast<__nv_fp8_storage_t*>(q->untyped_data());
+  switch (activation) {
+    case kSwiglu:
+      ActQuantKernel<kSwiglu><<<grid, kThreads, smem, stream>>>(gp, offsets.typed_data(), num_groups,
+                                                                m, inter, qp, scales->typed_data());
+      break;
+    case kGeglu:
+      ActQuantKernel<kGeglu><<<grid, kThreads, smem, stream>>>(gp, offsets.typed_data(), num_groups,
+                                                               m, inter, qp, scales->typed_data());
+      break;
+    case kRelu2:
+      ActQuantKernel<kRelu2><<<grid, kThreads, smem, stream>>>(gp, offsets.typed_data(), num_groups,
+                                                               m, inter, qp, scales->typed_data());
+      break;
+    default:
+      ActQuantKernel<kIdentity><<<grid, kThreads, smem, stream>>>(
+          gp, offsets.typed_data(), num_groups, m, inter, qp, scales->typed_data());
+      break;
+  }
+  JAX_MOE_CHECK_LAUNCH("jax_moe_act_quant kernel launch");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(ActQuantHandler, ActQuantImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::Buffer<ffi::BF16>>()   // gemm1 output [M, 2I] or [M, I]
+                           .Arg<ffi::Buffer<ffi::S32>>()    // expert_offsets [E_loc + 1]
+                           .Ret<ffi::AnyBuffer>()           // fp8 [M, I]
+                           .Ret<ffi::Buffer<ffi::F32>>()    // scales [M*I/128]
+                           .Attr<int32_t>("activation"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_act_quant", ActQuantHandler);
+
+}  // namespace jax_moe

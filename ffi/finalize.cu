@@ -1,0 +1,133 @@
+// jax_moe_finalize: out[t] = sum_j float(w[t, j]) * float(y[row(t, j)]) in float32, slot order
+// j = 0..k-1, rounded to bfloat16 (SPEC section 3 step 6); or, with do_finalize=False, the
+// unweighted rows [T, k, H] with zeros where the slot's expert is not local. Each thread owns
+// 8 consecutive columns (one 16-byte vector) of one output row.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ffi_common.h"
+
+namespace jax_moe {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ void Unpack8(const uint4& v, float* f) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 x = __bfloat1622float2(p[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+__device__ __forceinline__ uint4 Pack8(const float* f) {
+  uint4 v;
+  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return v;
+}
+
+// One thread per (token, 8-column vector).
+__global__ void __launch_bounds__(kThreads)
+    FinalizeReduceKernel(const uint4* __restrict__ y, const int32_t* __restrict__ slot_to_row,
+                         const __nv_bfloat16* __restrict__ w, int64_t num_tokens, int top_k,
+                         int64_t num_rows, int64_t vecs_per_row, uint4* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= num_tokens * vecs_per_row) return;
+  const int64_t t = i / vecs_per_row;
+  const int64_t v = i % vecs_per_row;
+  float acc[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) acc[c] = 0.0f;
+  for (int j = 0; j < top_k; ++j) {
+    const int32_t row = slot_to_row[t * top_k + j];
+    if (row < 0 || row >= num_rows) continue;
+    const float wt = __bfloat162float(w[t * top_k + j]);
+    float x[8];
+    Unpack8(y[row * vecs_per_row + v], x);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(wt, x[c]));
+  }
+  out[i] = Pack8(acc);
+}
+
+// One thread per (token, slot, 8-column vector).
+__global__ void __launch_bounds__(kThreads)
+    FinalizeGatherKernel(const uint4* __restrict__ y, const int32_t* __restrict__ slot_to_row,
+                         int64_t num_slots, int64_t num_rows, int64_t vecs_per_row,
+                         uint4* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= num_slots * vecs_per_row) return;
+  const int64_t s = i / vecs_per_row;
+  const int64_t v = i % vecs_per_row;
+  const int32_t row = slot_to_row[s];
+  uint4 val = make_uint4(0, 0, 0, 0);
+  if (row >= 0 && row < num_rows) val = y[row * vecs_per_row + v];
+  out[i] = val;
+}
+
+ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
+                        ffi::Buffer<ffi::S32> slot_to_row, ffi::Buffer<ffi::BF16> weights,
+                        ffi::Result<ffi::Buffer<ffi::BF16>> out, bool do_finalize) {
+  if (y.dimensions().size() != 2) {
+    return InvalidArgument("jax_moe_finalize: gemm2 output: expected rank 2 [M, H], got rank " +
+                           std::to_string(y.dimensions().size()));
+  }
+  if (weights.dimensions().size() != 2) {
+    return InvalidArgument("jax_moe_finalize: topk_weights: expected rank 2 [T, k], got rank " +
+                           std::to_string(weights.dimensions().size()));
+  }
+  const int64_t m = y.dimensions()[0];
+  const int64_t h = y.dimensions()[1];
+  const int64_t t = weights.dimensions()[0];
+  const int64_t k = weights.dimensions()[1];
+  if (h % 8 != 0) {
+    return InvalidArgument("jax_moe_finalize: gemm2 output: H must be a multiple of 8, got " +
+                           std::to_string(h));
+  }
+  if (k > 0x7fffffffLL) return InvalidArgument("jax_moe_finalize: topk_weights: k too large");
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(slot_to_row, "slot_to_row", {t * k}));
+  if (do_finalize) {
+    JAX_MOE_RETURN_IF_ERROR(CheckShape(*out, "finalize output", {t, h}));
+  } else {
+    JAX_MOE_RETURN_IF_ERROR(CheckShape(*out, "finalize output (do_finalize=False)", {t, k, h}));
+  }
+  const int64_t vecs = h / 8;
+  const int64_t work = (do_finalize ? t : t * k) * vecs;
+  if (work == 0) return ffi::Error::Success();
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffffLL) return InvalidArgument("jax_moe_finalize: problem too large");
+  auto* yp = reinterpret_cast<const uint4*>(y.typed_data());
+  auto* op = reinterpret_cast<uint4*>(out->typed_data());
+  if (do_finalize) {
+    FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        yp, slot_to_row.typed_data(), reinterpret_cast<const __nv_bfloat16*>(weights.typed_data()),
+        t, static_cast<int>(k), m, vecs, op);
+  } else {
+    FinalizeGatherKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        yp, slot_to_row.typed_data(), t * k, m, vecs, op);
+  }
+  JAX_MOE_CHECK_LAUNCH("jax_moe_finalize kernel launch");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(FinalizeHandler, FinalizeImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::Buffer<ffi::BF16>>()   // gemm2 output [M, H]
+                           .Arg<ffi::Buffer<ffi::S32>>()    // slot_to_row [T*k]
+                           .Arg<ffi::Buffer<ffi::BF16>>()   // topk_weights [T, k]
+                           .Ret<ffi::Buffer<ffi::BF16>>()   // [T, H] or [T, k, H]
+                           .Attr<bool>("do_finalize"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_finalize", FinalizeHandler);
+
+}  // namespace jax_moe

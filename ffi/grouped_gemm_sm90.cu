@@ -1,0 +1,364 @@
+// Blockwise-FP8 grouped GEMM for Hopper (sm_90a): XLA FFI target "jax_moe_grouped_gemm".
+//
+//   d[r, :] = dequant(a[r, :]) @ dequant(b[g]).T   for every row r of group g,
+//
+// with a fp8 [M, K] (1x128 scales, grouped MN-major, see jax_moe/ops.py), b fp8 [G, N, K]
+// (128x128 scales [G, N/128, K/128]), groups = contiguous row ranges given by
+// expert_offsets int32 [G+1], d bf16 [M, N]. Rows past offsets[G] are not written.
+//
+// Built on CUTLASS 4.2's sm90 pointer-array grouped GEMM with software blockwise scaling
+// (KernelPtrArrayTmaWarpSpecialized{Cooperative,Pingpong}FP8Blockwise): fp32 accumulation,
+// every 128-wide K block's partial sum is scaled by sfa * sfb and added in fp32.
+//
+// Everything the grouped kernel reads per group (problem shapes, pointer arrays, strides,
+// scale layouts) is written on the device by `SetupGroupsKernel` into the caller's workspace,
+// and CUTLASS's own workspace (per-SM TMA descriptors) is carved from the same buffer; the
+// host never sees the offsets, so the handler is CUDA-graph safe (no sync, no allocation).
+//
+// Scale layouts as CUTLASS reads them (Sm90BlockwiseScaleConfig<1, 128, 128, MN, K>):
+//   SFA, MN-major per group: group g's scales start at a_scale + offsets[g]*K/128 and form a
+//     [K/128, M_g] row-major block -- exactly the grouped MN-major layout of ops.py.
+//   SFB, K-major: scale(n_blk, k_blk) of group g at b_scale + g*(N/128)*(K/128)
+//     + n_blk*(K/128) + k_blk -- the user's [G, N/128, K/128] row-major array, unchanged.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+// The XLA FFI headers come first: CUTLASS's cute/atom/mma_traits_sm100.hpp turns
+// -Wmissing-field-initializers into an error, which newer XLA FFI headers trip.
+#include "ffi_common.h"
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/detail/blockwise_scale_layout.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/dispatch_policy.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/numeric_types.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#endif
+
+namespace jax_moe {
+namespace {
+
+using namespace cute;
+
+constexpr int kBlock = 128;  // scale block along K (and N for the weights)
+
+// --------------------------------------------------------------------------------------------
+// Kernel configuration: one template, instantiated for at most two tile shapes.
+// --------------------------------------------------------------------------------------------
+template <class TileShape_, class ClusterShape_, class KernelSchedule_, class EpilogueSchedule_>
+struct GroupedGemmConfig {
+  using ElementA = cutlass::float_e4m3_t;
+  using ElementB = cutlass::float_e4m3_t;
+  using ElementD = cutlass::bfloat16_t;
+  using ElementAcc = float;  // also the element type of the block scales
+  using LayoutA = cutlass::layout::RowMajor;     // a [M, K], K contiguous
+  using LayoutB = cutlass::layout::ColumnMajor;  // b [N, K] per group, K contiguous
+  using LayoutD = cutlass::layout::RowMajor;     // d [M, N], N contiguous
+  static constexpr int kAlignA = 16, kAlignB = 16, kAlignD = 8;  // 16 bytes each
+
+  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kBlock, kBlock, cute::GMMA::Major::MN,
+                                                                cute::GMMA::Major::K>;
+  using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+  using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape_, ClusterShape_,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementAcc,
+      void, LayoutD*, kAlignD,  // no C operand
+      ElementD, LayoutD*, kAlignD, EpilogueSchedule_,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAcc, void, ElementAcc>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      ElementA, cute::tuple<LayoutA*, LayoutSFA*>, kAlignA,
+      ElementB, cute::tuple<LayoutB*, LayoutSFB*>, kAlignB,
+      ElementAcc, TileShape_, ClusterShape_,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule_>::CollectiveOp;
+
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+
+  using StrideA = typename GemmKernel::InternalStrideA;
+  using StrideB = typename GemmKernel::InternalStrideB;
+  using StrideD = typename GemmKernel::InternalStrideD;
+  static_assert(std::is_same_v<StrideA, cute::Stride<int64_t, cute::_1, cute::_0>>);
+  static_assert(std::is_same_v<StrideB, cute::Stride<int64_t, cute::_1, cute::_0>>);
+  static_assert(std::is_same_v<StrideD, cute::Stride<int64_t, cute::_1, cute::_0>>);
+};
+
+// Many rows per group: 128x128x128 cooperative, 2-CTA clusters along N (A multicast).
+using BigConfig = GroupedGemmConfig<Shape<_128, _128, _128>, Shape<_1, _2, _1>,
+                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                                    cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+// Few rows per group (decode): 64x128x128 ping-pong, less padding waste along M.
+using SmallConfig = GroupedGemmConfig<Shape<_64, _128, _128>, Shape<_1, _1, _1>,
+                                      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
+                                      cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+
+// Use the small-tile config when the average group has at most this many rows.
+constexpr int64_t kSmallConfigMaxRowsPerGroup = 64;
+
+// --------------------------------------------------------------------------------------------
+// Per-group argument arrays in the workspace (offsets computed on the host from G only).
+// --------------------------------------------------------------------------------------------
+template <class Cfg>
+struct GroupArrays {
+  using Shape3 = typename Cfg::ProblemShape::UnderlyingProblemShape;
+  Shape3* shapes;
+  const typename Cfg::ElementA** ptr_a;
+  const typename Cfg::ElementB** ptr_b;
+  typename Cfg::ElementD** ptr_d;
+  const float** ptr_sfa;
+  const float** ptr_sfb;
+  typename Cfg::StrideA* stride_a;
+  typename Cfg::StrideB* stride_b;
+  typename Cfg::StrideD* stride_d;
+  typename Cfg::LayoutSFA* layout_sfa;
+  typename Cfg::LayoutSFB* layout_sfb;
+
+  static constexpr size_t kAlign = 256;
+  static size_t Round(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+  // Carves the arrays from `base` (nullptr: only measures). Returns the bytes used.
+  static size_t Carve(uint8_t* base, int64_t g, GroupArrays* out) {
+    size_t off = 0;
+    auto take = [&](auto*& p, size_t elem_bytes) {
+      using P = std::remove_reference_t<decltype(p)>;
+      p = base ? reinterpret_cast<P>(base + off) : nullptr;
+      off += Round(elem_bytes * static_cast<size_t>(g));
+    };
+    take(out->shapes, sizeof(Shape3));
+    take(out->ptr_a, sizeof(void*));
+    take(out->ptr_b, sizeof(void*));
+    take(out->ptr_d, sizeof(void*));
+    take(out->ptr_sfa, sizeof(void*));
+    take(out->ptr_sfb, sizeof(void*));
+    take(out->stride_a, sizeof(typename Cfg::StrideA));
+    take(out->stride_b, sizeof(typename Cfg::StrideB));
+    take(out->stride_d, sizeof(typename Cfg::StrideD));
+    take(out->layout_sfa, sizeof(typename Cfg::LayoutSFA));
+    take(out->layout_sfb, sizeof(typename Cfg::LayoutSFB));
+    return off;
+  }
+};
+
+// One thread per group: problem shape, pointers, strides and scale layouts of group g.
+// Offsets are clamped into [0, M] and made non-decreasing, so bad offsets cannot make the GEMM
+// read or write out of bounds.
+template <class Cfg>
+__global__ void SetupGroupsKernel(GroupArrays<Cfg> arr, const int32_t* __restrict__ offsets, int num_groups,
+                                  int m, int n, int k, const uint8_t* a, const float* a_scale,
+                                  const uint8_t* b, const float* b_scale, typename Cfg::ElementD* d) {
+  int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= num_groups) return;
+  int start = min(max(offsets[g], 0), m);
+  int end = min(max(offsets[g + 1], start), m);
+  int rows = end - start;
+  int64_t kb = k / kBlock, nb = n / kBlock;
+
+  arr.shapes[g] = typename GroupArrays<Cfg>::Shape3(rows, n, k);
+  arr.ptr_a[g] = reinterpret_cast<const typename Cfg::ElementA*>(a + int64_t(start) * k);
+  arr.ptr_b[g] = reinterpret_cast<const typename Cfg::ElementB*>(b + int64_t(g) * n * k);
+  arr.ptr_d[g] = d + int64_t(start) * n;
+  arr.ptr_sfa[g] = a_scale + int64_t(start) * kb;
+  arr.ptr_sfb[g] = b_scale + int64_t(g) * nb * kb;
+  arr.stride_a[g] = typename Cfg::StrideA{int64_t(k), {}, {}};
+  arr.stride_b[g] = typename Cfg::StrideB{int64_t(k), {}, {}};
+  arr.stride_d[g] = typename Cfg::StrideD{int64_t(n), {}, {}};
+  arr.layout_sfa[g] = Cfg::ScaleConfig::tile_atom_to_shape_SFA(make_shape(rows, n, k, 1));
+  arr.layout_sfb[g] = Cfg::ScaleConfig::tile_atom_to_shape_SFB(make_shape(rows, n, k, 1));
+}
+
+// SM count and co-resident clusters of the kernel on a device: host queries, done once per
+// (config, device) and cached (never inside the data path; no stream work).
+template <class Cfg>
+cutlass::KernelHardwareInfo HardwareInfo(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static cutlass::KernelHardwareInfo info[kMaxDevices];
+  int slot = (device >= 0 && device < kMaxDevices) ? device : 0;
+  std::call_once(once[slot], [&] {
+    using Kernel = typename Cfg::GemmKernel;
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = device;
+    cudaDeviceGetAttribute(&hw.sm_count, cudaDevAttrMultiProcessorCount, device);
+    int smem = Kernel::SharedStorageSize;
+    auto kernel = cutlass::device_kernel<Kernel>;
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = size<0>(typename Kernel::ClusterShape{});
+    attr.val.clusterDim.y = size<1>(typename Kernel::ClusterShape{});
+    attr.val.clusterDim.z = size<2>(typename Kernel::ClusterShape{});
+    cfg.gridDim = dim3(attr.val.clusterDim.x, attr.val.clusterDim.y, attr.val.clusterDim.z);
+    cfg.blockDim = Kernel::get_block_shape();
+    cfg.dynamicSmemBytes = smem;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) clusters = 0;
+    cudaGetLastError();  // a failed query only costs the better grid size; clear it
+    hw.max_active_clusters = clusters;
+    info[slot] = hw;
+  });
+  return info[slot];
+}
+
+template <class Cfg>
+typename Cfg::Gemm::Arguments MakeArguments(const GroupArrays<Cfg>& arr, int num_groups,
+                                            cutlass::KernelHardwareInfo hw) {
+  typename Cfg::Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGrouped,
+      {num_groups, arr.shapes, nullptr},  // problem shapes live on the device only
+      {arr.ptr_a, arr.stride_a, arr.ptr_b, arr.stride_b, arr.ptr_sfa, arr.layout_sfa, arr.ptr_sfb,
+       arr.layout_sfb},
+      {{}, nullptr, nullptr, arr.ptr_d, arr.stride_d},
+      hw};
+  auto& fusion = args.epilogue.thread;
+  fusion.alpha = 1.0f;
+  fusion.beta = 0.0f;
+  return args;
+}
+
+// Host-side size of everything the handler needs in its workspace; depends on G and the
+// device only (CUTLASS's part is per-SM TMA descriptors), never on the data.
+template <class Cfg>
+size_t WorkspaceBytes(int num_groups, cutlass::KernelHardwareInfo hw, size_t* setup_bytes) {
+  GroupArrays<Cfg> arr{};
+  *setup_bytes = GroupArrays<Cfg>::Carve(nullptr, num_groups, &arr);
+  auto args = MakeArguments<Cfg>(arr, num_groups, hw);
+  return *setup_bytes + Cfg::Gemm::get_workspace_size(args);
+}
+
+template <class Cfg>
+ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m, int n, int k,
+                          const void* a, const float* a_scale, const void* b, const float* b_scale,
+                          const int32_t* offsets, void* d, uint8_t* workspace, size_t workspace_size) {
+  cutlass::KernelHardwareInfo hw = HardwareInfo<Cfg>(device);
+  size_t setup_bytes = 0;
+  // The carve starts at the first 256-byte boundary (TMA descriptors want 64-byte alignment).
+  size_t pad = (256 - reinterpret_cast<uintptr_t>(workspace) % 256) % 256;
+  size_t need = WorkspaceBytes<Cfg>(num_groups, hw, &setup_bytes) + pad;
+  if (workspace_size < need) {
+    return InvalidArgument("jax_moe_grouped_gemm: workspace: need " + std::to_string(need) +
+                           " bytes for " + std::to_string(num_groups) + " groups on " +
+                           std::to_string(hw.sm_count) + " SMs, got " + std::to_string(workspace_size) +
+                           " (fix grouped_gemm_workspace_bytes in jax_moe/ops.py)");
+  }
+  workspace += pad;
+
+  GroupArrays<Cfg> arr{};
+  GroupArrays<Cfg>::Carve(workspace, num_groups, &arr);
+  constexpr int kThreads = 256;
+  SetupGroupsKernel<Cfg><<<CeilDiv(num_groups, kThreads), kThreads, 0, stream>>>(
+      arr, offsets, num_groups, m, n, k, static_cast<const uint8_t*>(a), a_scale,
+      static_cast<const uint8_t*>(b), b_scale, static_cast<typename Cfg::ElementD*>(d));
+  JAX_MOE_CHECK_LAUNCH("jax_moe_grouped_gemm setup kernel");
+
+  typename Cfg::Gemm gemm;
+  auto args = MakeArguments<Cfg>(arr, num_groups, hw);
+  cutlass::Status st = gemm.can_implement(args);
+  if (st != cutlass::Status::kSuccess) {
+    return InvalidArgument(std::string("jax_moe_grouped_gemm: CUTLASS cannot implement this problem: ") +
+                           cutlassGetStatusString(st));
+  }
+  st = gemm.initialize(args, workspace + setup_bytes, stream);
+  if (st != cutlass::Status::kSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jax_moe_grouped_gemm: CUTLASS initialize failed: ") +
+                          cutlassGetStatusString(st));
+  }
+  st = gemm.run(stream);
+  if (st != cutlass::Status::kSuccess) {
+    cudaError_t err = cudaGetLastError();
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jax_moe_grouped_gemm: CUTLASS launch failed: ") + cutlassGetStatusString(st) +
+                          " (" + cudaGetErrorString(err) + ")");
+  }
+  JAX_MOE_CHECK_LAUNCH("jax_moe_grouped_gemm kernel");
+  return ffi::Error::Success();
+}
+
+// Config override for tests and tuning: JAX_MOE_GEMM_TILE=128 or 64 forces the tile height
+// (read at every call, so it also applies to already-compiled executables).
+int ForcedTileM() {
+  const char* s = std::getenv("JAX_MOE_GEMM_TILE");
+  return s ? std::atoi(s) : 0;
+}
+
+// --------------------------------------------------------------------------------------------
+// The handler.
+// --------------------------------------------------------------------------------------------
+ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a,
+                           ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> b_scale,
+                           ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> d,
+                           ffi::Result<ffi::Buffer<ffi::U8>> workspace) {
+  const char* op = "jax_moe_grouped_gemm";
+  if (!IsFp8E4M3(a)) return InvalidArgument(std::string(op) + ": a: dtype must be float8_e4m3fn");
+  if (!IsFp8E4M3(b)) return InvalidArgument(std::string(op) + ": b: dtype must be float8_e4m3fn");
+  if (d->element_type() != ffi::DataType::BF16)
+    return InvalidArgument(std::string(op) + ": d: output dtype must be bfloat16");
+  if (a.dimensions().size() != 2) return InvalidArgument(std::string(op) + ": a: expected rank 2 [M, K]");
+  if (b.dimensions().size() != 3) return InvalidArgument(std::string(op) + ": b: expected rank 3 [G, N, K]");
+  const int64_t m = Dim(a, 0), k = Dim(a, 1);
+  const int64_t g = Dim(b, 0), n = Dim(b, 1);
+  if (k <= 0 || k % kBlock != 0)
+    return InvalidArgument(std::string(op) + ": a: K (dimension 1) must be a positive multiple of 128, got " +
+                           std::to_string(k));
+  if (n % kBlock != 0)
+    return InvalidArgument(std::string(op) + ": b: N (dimension 1) must be a multiple of 128, got " +
+                           std::to_string(n));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(b, "jax_moe_grouped_gemm: b", {g, n, k}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(a_scale, "jax_moe_grouped_gemm: a_scale", {m * (k / kBlock)}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(b_scale, "jax_moe_grouped_gemm: b_scale", {g, n / kBlock, k / kBlock}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(offsets, "jax_moe_grouped_gemm: expert_offsets", {g + 1}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*d, "jax_moe_grouped_gemm: d", {m, n}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*workspace, "jax_moe_grouped_gemm: workspace", {-1}));
+  if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || g > INT32_MAX / 2 || m * (k / kBlock) > INT32_MAX)
+    return InvalidArgument(std::string(op) + ": sizes exceed the 32-bit range of the kernel");
+  if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
+
+  const int forced = ForcedTileM();
+  const bool small = forced ? forced == 64 : (m / g) <= kSmallConfigMaxRowsPerGroup;
+  auto run = [&](auto cfg_tag) {
+    using Cfg = decltype(cfg_tag);
+    return RunGroupedGemm<Cfg>(stream, device, int(g), int(m), int(n), int(k), a.untyped_data(),
+                               a_scale.typed_data(), b.untyped_data(), b_scale.typed_data(), offsets.typed_data(),
+                               d->untyped_data(), workspace->typed_data(), workspace->size_bytes());
+  };
+  return small ? run(SmallConfig{}) : run(BigConfig{});
+}
+
+}  // namespace
+}  // namespace jax_moe
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMoeGroupedGemm, jax_moe::GroupedGemmImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<xla::ffi::DeviceOrdinal>()
+                                  .Arg<xla::ffi::AnyBuffer>()                   // a
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()       // a_scale
+                                  .Arg<xla::ffi::AnyBuffer>()                   // b
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()       // b_scale
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()       // expert_offsets
+                                  .Ret<xla::ffi::AnyBuffer>()                   // d
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>(),       // workspace
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_grouped_gemm", JaxMoeGroupedGemm);

@@ -1,0 +1,311 @@
+// jax_moe_plan and jax_moe_permute: grouping routed (token, slot) pairs by local expert.
+//
+// plan, three kernels, no host sync, deterministic and stable:
+//   1. count:  the slots are cut into C contiguous chunks (C = scratch rows, chosen by the Python
+//              wrapper); block c writes the per-bucket histogram of chunk c into scratch[c, :].
+//              Bucket b in [0, E) is a local expert, bucket E collects every non-local slot.
+//   2. scan:   one block: scratch[c, b] becomes the exclusive prefix over chunks, and
+//              offsets[b] = sum of the counts of buckets < b (offsets[E] = local rows).
+//   3. assign: block c walks its chunk in order, 256 slots per round; a slot's row is
+//              offsets[b] + scratch[c, b] + (earlier slots of bucket b in this chunk), the last
+//              term from warp match_any ranks plus a per-warp count table in shared memory.
+//              Non-local slots fill rows [offsets[E], T*k) in slot order, so every row is
+//              written exactly once (row_to_slot = -1 there).
+// permute: one warp per row, 16-byte copies, scales written in the grouped MN-major layout.
+#include <cuda_runtime.h>
+
+#include <cub/block/block_scan.cuh>
+#include <cstdint>
+
+#include "ffi_common.h"
+
+namespace jax_moe {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxLocalExperts = 512;
+constexpr int kPlanThreads = 256;
+constexpr int kPlanWarps = kPlanThreads / 32;
+constexpr int kScanThreads = 1024;
+
+__device__ __forceinline__ int Bucket(int32_t id, int num_experts) {
+  return (id >= 0 && id < num_experts) ? id : num_experts;
+}
+
+__device__ __forceinline__ unsigned LaneMaskLt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+// Kernel 1: histogram of each chunk over E + 1 buckets.
+__global__ void __launch_bounds__(kPlanThreads)
+    PlanCountKernel(const int32_t* __restrict__ ids, int64_t num_slots, int64_t chunk,
+                    int num_experts, int32_t* __restrict__ scratch) {
+  extern __shared__ int hist[];  // [E + 1]
+  const int nb = num_experts + 1;
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) hist[b] = 0;
+  __syncthreads();
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = min(begin + chunk, num_slots);
+  const int lane = threadIdx.x & 31;
+  for (int64_t base = begin; base < end; base += blockDim.x) {  // uniform trip count
+    const int64_t s = base + threadIdx.x;
+    const bool valid = s < end;
+    const int b = valid ? Bucket(ids[s], num_experts) : -1;
+    const unsigned peers = __match_any_sync(kFull, b);
+    if (valid && lane == __ffs(peers) - 1) atomicAdd(&hist[b], __popc(peers));
+  }
+  __syncthreads();
+  int32_t* out = scratch + static_cast<int64_t>(blockIdx.x) * nb;
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) out[b] = hist[b];
+}
+
+// Kernel 2: exclusive prefix over chunks (in place) and over buckets (offsets).
+__global__ void __launch_bounds__(kScanThreads)
+    PlanScanKernel(int32_t* __restrict__ scratch, int num_chunks, int num_experts,
+                   int32_t* __restrict__ offsets) {
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  const int nb = num_experts + 1;
+  const int b = threadIdx.x;
+  int total = 0;
+  if (b < nb) {
+    int c = 0;
+    constexpr int U = 8;
+    for (; c + U <= num_chunks; c += U) {
+      int v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) v[u] = scratch[static_cast<int64_t>(c + u) * nb + b];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        scratch[static_cast<int64_t>(c + u) * nb + b] = total;
+        total += v[u];
+      }
+    }
+    for (; c < num_chunks; ++c) {
+      int v = scratch[static_cast<int64_t>(c) * nb + b];
+      scratch[static_cast<int64_t>(c) * nb + b] = total;
+      total += v;
+    }
+  }
+  int excl;
+  Scan(temp).ExclusiveSum(b < num_experts ? total : 0, excl);
+  if (b < nb) offsets[b] = excl;  // offsets[E] = sum over local experts
+}
+
+// Kernel 3: stable rank of every slot within its bucket.
+__global__ void __launch_bounds__(kPlanThreads)
+    PlanAssignKernel(const int32_t* __restrict__ ids, int64_t num_slots, int64_t chunk,
+                     int num_experts, const int32_t* __restrict__ scratch,
+                     const int32_t* __restrict__ offsets, int32_t* __restrict__ slot_to_row,
+                     int32_t* __restrict__ row_to_slot) {
+  extern __shared__ int smem[];
+  const int nb = num_experts + 1;
+  int* next = smem;            // [nb] next free row of each bucket in this chunk
+  int* table = smem + nb;      // [kPlanWarps][nb] per-warp counts of the current round
+  const int64_t c = blockIdx.x;
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) next[b] = offsets[b] + scratch[c * nb + b];
+  for (int i = threadIdx.x; i < kPlanWarps * nb; i += blockDim.x) table[i] = 0;
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const unsigned lt = LaneMaskLt();
+  const int64_t begin = c * chunk;
+  const int64_t end = min(begin + chunk, num_slots);
+  for (int64_t base = begin; base < end; base += blockDim.x) {  // uniform trip count
+    const int64_t s = base + threadIdx.x;
+    const bool valid = s < end;
+    const int b = valid ? Bucket(ids[s], num_experts) : -1;
+    const unsigned peers = __match_any_sync(kFull, b);
+    const bool leader = valid && lane == __ffs(peers) - 1;
+    const int cnt = __popc(peers);
+    if (leader) table[warp * nb + b] = cnt;
+    __syncthreads();
+    if (valid) {
+      int row = next[b] + __popc(peers & lt);
+      for (int w = 0; w < warp; ++w) row += table[w * nb + b];
+      const bool local = b < num_experts;
+      slot_to_row[s] = local ? row : -1;
+      if (row >= 0 && row < num_slots) row_to_slot[row] = local ? static_cast<int32_t>(s) : -1;
+    }
+    __syncthreads();
+    if (leader) {
+      atomicAdd(&next[b], cnt);
+      table[warp * nb + b] = 0;
+    }
+    __syncwarp();
+  }
+}
+
+// permute: one warp per row, rows [0, offsets[E]) only.
+constexpr int kPermuteWarps = 8;
+
+__global__ void __launch_bounds__(kPermuteWarps * 32)
+    PermuteKernel(const uint8_t* __restrict__ hidden, const float* __restrict__ hidden_scale,
+                  const int32_t* __restrict__ row_to_slot, const int32_t* __restrict__ offsets,
+                  int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
+                  uint8_t* __restrict__ rows, float* __restrict__ row_scales) {
+  extern __shared__ int offs[];  // [E + 1]
+  for (int g = threadIdx.x; g <= num_experts; g += blockDim.x) offs[g] = offsets[g];
+  __syncthreads();
+  const int64_t num_rows = num_tokens * top_k;
+  const int64_t valid_rows = min(static_cast<int64_t>(max(offs[num_experts], 0)), num_rows);
+  const int lane = threadIdx.x & 31;
+  const int64_t kb_count = hidden_size / 128;
+  const int64_t vecs = hidden_size / 16;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kPermuteWarps + (threadIdx.x >> 5);
+       r < valid_rows; r += static_cast<int64_t>(gridDim.x) * kPermuteWarps) {
+    const int32_t slot = row_to_slot[r];
+    if (slot < 0 || slot >= num_rows) continue;
+    const int64_t tok = slot / top_k;
+    const uint4* src = reinterpret_cast<const uint4*>(hidden + tok * hidden_size);
+    uint4* dst = reinterpret_cast<uint4*>(rows + r * hidden_size);
+    int64_t v = lane;
+    for (; v + 96 < vecs; v += 128) {
+      uint4 a = src[v], b = src[v + 32], c = src[v + 64], d = src[v + 96];
+      dst[v] = a;
+      dst[v + 32] = b;
+      dst[v + 64] = c;
+      dst[v + 96] = d;
+    }
+    for (; v < vecs; v += 32) dst[v] = src[v];
+
+    const int g = FindGroup(offs, num_experts, r);
+    if (g < 0) continue;
+    const int64_t g0 = offs[g];
+    const int64_t mg = offs[g + 1] - g0;
+    for (int64_t kb = lane; kb < kb_count; kb += 32) {
+      const int64_t idx = g0 * kb_count + kb * mg + (r - g0);
+      if (idx >= 0 && idx < num_rows * kb_count) row_scales[idx] = hidden_scale[kb * num_tokens + tok];
+    }
+  }
+}
+
+ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
+                    ffi::Result<ffi::Buffer<ffi::S32>> offsets,
+                    ffi::Result<ffi::Buffer<ffi::S32>> slot_to_row,
+                    ffi::Result<ffi::Buffer<ffi::S32>> row_to_slot,
+                    ffi::Result<ffi::Buffer<ffi::S32>> scratch, int32_t num_local_experts) {
+  if (local_ids.dimensions().size() != 2) {
+    return InvalidArgument("jax_moe_plan: local_ids: expected rank 2 [T, k], got rank " +
+                           std::to_string(local_ids.dimensions().size()));
+  }
+  const int64_t n = static_cast<int64_t>(local_ids.element_count());
+  const int64_t e = num_local_experts;
+  if (e < 1 || e > kMaxLocalExperts) {
+    return InvalidArgument("jax_moe_plan: num_local_experts: expected a value in [1, " +
+                           std::to_string(kMaxLocalExperts) + "], got " + std::to_string(e));
+  }
+  if (n > 0x7fffffffLL) {
+    return InvalidArgument("jax_moe_plan: local_ids: T*k must be < 2^31, got " + std::to_string(n));
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*offsets, "expert_offsets (output)", {e + 1}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*slot_to_row, "slot_to_row (output)", {n}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_to_slot, "row_to_slot (output)", {n}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*scratch, "plan scratch (output)", {-1, e + 1}));
+  const int64_t num_chunks = scratch->dimensions()[0];
+  if (num_chunks < 1) return InvalidArgument("jax_moe_plan: plan scratch: needs at least 1 chunk");
+
+  if (n == 0) {
+    cudaError_t err = cudaMemsetAsync(offsets->typed_data(), 0, (e + 1) * sizeof(int32_t), stream);
+    if (err != cudaSuccess) return CudaError(err, "jax_moe_plan memset");
+    return ffi::Error::Success();
+  }
+  const int64_t chunk = (n + num_chunks - 1) / num_chunks;
+  const int64_t used_chunks = (n + chunk - 1) / chunk;  // <= num_chunks
+  const int nb = static_cast<int>(e + 1);
+  int32_t* scr = scratch->typed_data();  // rows past used_chunks are left untouched
+  PlanCountKernel<<<static_cast<unsigned>(used_chunks), kPlanThreads, nb * sizeof(int), stream>>>(
+      local_ids.typed_data(), n, chunk, static_cast<int>(e), scr);
+  JAX_MOE_CHECK_LAUNCH("jax_moe_plan count kernel launch");
+  PlanScanKernel<<<1, kScanThreads, 0, stream>>>(scr, static_cast<int>(used_chunks),
+                                                  static_cast<int>(e), offsets->typed_data());
+  JAX_MOE_CHECK_LAUNCH("jax_moe_plan scan kernel launch");
+  PlanAssignKernel<<<static_cast<unsigned>(used_chunks), kPlanThreads,
+                     (kPlanWarps + 1) * nb * sizeof(int), stream>>>(
+      local_ids.typed_data(), n, chunk, static_cast<int>(e), scr, offsets->typed_data(),
+      slot_to_row->typed_data(), row_to_slot->typed_data());
+  JAX_MOE_CHECK_LAUNCH("jax_moe_plan assign kernel launch");
+  return ffi::Error::Success();
+}
+
+ffi::Error PermuteImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
+                       ffi::Buffer<ffi::S32> row_to_slot, ffi::Buffer<ffi::S32> offsets,
+                       ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::F32>> row_scales,
+                       int32_t top_k) {
+  if (!IsFp8E4M3(hidden)) {
+    return InvalidArgument("jax_moe_permute: hidden_states: expected dtype float8_e4m3fn, got dtype code " +
+                           std::to_string(static_cast<int>(hidden.element_type())));
+  }
+  if (!IsFp8E4M3(*rows)) {
+    return InvalidArgument("jax_moe_permute: rows (output): expected dtype float8_e4m3fn");
+  }
+  if (hidden.dimensions().size() != 2) {
+    return InvalidArgument("jax_moe_permute: hidden_states: expected rank 2 [T, H], got rank " +
+                           std::to_string(hidden.dimensions().size()));
+  }
+  const int64_t t = Dim(hidden, 0);
+  const int64_t h = Dim(hidden, 1);
+  if (h % 128 != 0) {
+    return InvalidArgument("jax_moe_permute: hidden_states: H must be a multiple of 128, got " +
+                           std::to_string(h));
+  }
+  if (top_k < 1) {
+    return InvalidArgument("jax_moe_permute: top_k: expected >= 1, got " + std::to_string(top_k));
+  }
+  const int64_t m = t * top_k;
+  if (m > 0x7fffffffLL) return InvalidArgument("jax_moe_permute: T*k must be < 2^31");
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(hidden_scale, "hidden_states_scale", {h / 128, t}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(row_to_slot, "row_to_slot", {m}));
+  if (offsets.dimensions().size() != 1 || offsets.dimensions()[0] < 2 ||
+      offsets.dimensions()[0] > kMaxLocalExperts + 1) {
+    return InvalidArgument("jax_moe_permute: expert_offsets: expected shape [E_loc + 1] with 1 <= "
+                           "E_loc <= " + std::to_string(kMaxLocalExperts));
+  }
+  const int e = static_cast<int>(offsets.dimensions()[0] - 1);
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*rows, "rows (output)", {m, h}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_scales, "row_scales (output)", {m * h / 128}));
+  if (m == 0 || h == 0) return ffi::Error::Success();
+
+  const int64_t blocks_needed = (m + kPermuteWarps - 1) / kPermuteWarps;
+  const int64_t max_blocks = static_cast<int64_t>(NumSms()) * 16;
+  const unsigned grid = static_cast<unsigned>(blocks_needed < max_blocks ? blocks_needed : max_blocks);
+  PermuteKernel<<<grid, kPermuteWarps * 32, (e + 1) * sizeof(int), stream>>>(
+      static_cast<const uint8_t*>(hidden.untyped_data()), hidden_scale.typed_data(),
+      row_to_slot.typed_data(), offsets.typed_data(), e, t, top_k, h,
+      static_cast<uint8_t*>(rows->untyped_data()), row_scales->typed_data());
+  JAX_MOE_CHECK_LAUNCH("jax_moe_permute kernel launch");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(PlanHandler, PlanImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::Buffer<ffi::S32>>()   // local_ids [T, k]
+                           .Ret<ffi::Buffer<ffi::S32>>()   // expert_offsets [E_loc + 1]
+                           .Ret<ffi::Buffer<ffi::S32>>()   // slot_to_row [T*k]
+                           .Ret<ffi::Buffer<ffi::S32>>()   // row_to_slot [T*k]
+                           .Ret<ffi::Buffer<ffi::S32>>()   // scratch [chunks, E_loc + 1]
+                           .Attr<int32_t>("num_local_experts"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER(PermuteHandler, PermuteImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()           // hidden_states fp8 [T, H]
+                           .Arg<ffi::Buffer<ffi::F32>>()    // hidden_states_scale [H/128, T]
+                           .Arg<ffi::Buffer<ffi::S32>>()    // row_to_slot [T*k]
+                           .Arg<ffi::Buffer<ffi::S32>>()    // expert_offsets [E_loc + 1]
+                           .Ret<ffi::AnyBuffer>()           // rows fp8 [T*k, H]
+                           .Ret<ffi::Buffer<ffi::F32>>()    // row scales [T*k*H/128]
+                           .Attr<int32_t>("top_k"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_plan", PlanHandler);
+JAX_MOE_REGISTER_TARGET("jax_moe_permute", PermuteHandler);
+
+}  // namespace jax_moe

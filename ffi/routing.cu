@@ -1,0 +1,409 @@
+// jax_moe_route: top-k routing of SPEC section 2, one warp per token.
+//
+// Expert e of a token lives in lane e % 32, register slot e / 32. Every selection is an
+// iterative warp argmax over 64-bit keys (ordered value bits << 32 | ~index), so a larger value
+// wins and, on equal values, the smaller expert index wins. NaN ranks above every number (as
+// lax.top_k does); -0 and +0 compare equal. Everything stays inside the token's warp, so a NaN
+// row cannot affect another row.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ffi_common.h"
+
+namespace jax_moe {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxExperts = 512;
+constexpr int kWarpsPerBlock = 4;
+
+enum Method : int {
+  kDefault = 0,
+  kRenormalize = 1,
+  kDeepSeekV3 = 2,
+  kLlama4 = 3,
+  kRenormalizeNaive = 4,
+  kTopK = 5,
+  kSigmoidRenorm = 6,
+  kMiniMax2 = 7,
+  kSigmoid = 8,
+  kTopKSigmoid = 9,
+};
+
+struct RouteParams {
+  int num_tokens, num_experts, top_k, method, n_group, topk_group;
+  float rsf;
+};
+
+__device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ uint32_t OrderedBits(float v) {
+  if (v != v) return 0xffffffffu;  // NaN first
+  if (v == 0.0f) v = 0.0f;         // -0 == +0
+  uint32_t u = __float_as_uint(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Valid keys are > 0 (the ordered bits of -inf are 0x007fffff); 0 means "not a candidate".
+__device__ __forceinline__ uint64_t MakeKey(float v, int idx) {
+  return (static_cast<uint64_t>(OrderedBits(v)) << 32) | static_cast<uint32_t>(~idx);
+}
+
+__device__ __forceinline__ int KeyIndex(uint64_t key) {
+  return static_cast<int>(~static_cast<uint32_t>(key & 0xffffffffu));
+}
+
+// Warp-wide max of (key, aux); every lane ends with the winner.
+__device__ __forceinline__ void WarpArgMax(uint64_t& key, float& aux) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    uint64_t ok = __shfl_xor_sync(kFull, key, o);
+    float oa = __shfl_xor_sync(kFull, aux, o);
+    if (ok > key) {
+      key = ok;
+      aux = oa;
+    }
+  }
+}
+
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float ToFloat(T v);
+template <>
+__device__ __forceinline__ float ToFloat<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float ToFloat<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+// S: register slots per lane (experts per lane), E <= 32 * S.
+template <typename LogitT, int S>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    RouteKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
+                int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (t >= p.num_tokens) return;  // uniform per warp
+  const int E = p.num_experts;
+  const int k = p.top_k;
+  const LogitT* row = logits + t * E;
+
+  float sel[S];  // value the selection ranks
+  float aux[S];  // value the weight is computed from
+  uint32_t present = 0;  // bit i: slot i holds an expert
+
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+    int e = i * 32 + lane;
+    float l = 0.0f;
+    if (e < E) {
+      l = ToFloat(row[e]);
+      present |= 1u << i;
+    }
+    sel[i] = l;
+    aux[i] = l;
+  }
+
+  switch (p.method) {
+    case kDefault:
+    case kRenormalizeNaive: {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < S; ++i)
+        if (present & (1u << i)) mx = fmaxf(mx, sel[i]);
+      mx = WarpMax(mx);
+      float ex[S];
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        ex[i] = (present & (1u << i)) ? expf(sel[i] - mx) : 0.0f;
+        sum += ex[i];
+      }
+      sum = WarpSum(sum);
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        sel[i] = ex[i] / sum;
+        aux[i] = sel[i];
+      }
+      break;
+    }
+    case kDeepSeekV3:
+    case kMiniMax2:
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        int e = i * 32 + lane;
+        float s = Sigmoid(sel[i]);
+        aux[i] = s;
+        sel[i] = (present & (1u << i)) ? s + bias[e] : 0.0f;
+      }
+      break;
+    case kSigmoidRenorm:
+    case kSigmoid:
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        sel[i] = Sigmoid(sel[i]);
+        aux[i] = sel[i];
+      }
+      break;
+    default:  // Renormalize, Llama4, TopK, TopKSigmoid: select on the logits themselves
+      break;
+  }
+
+  // Candidate keys, built once; 0 = not a candidate (absent, masked or already taken).
+  uint64_t key[S];
+#pragma unroll
+  for (int i = 0; i < S; ++i) key[i] = (present & (1u << i)) ? MakeKey(sel[i], i * 32 + lane) : 0;
+
+  // DeepSeekV3 group-limited selection: group score = sum of the 2 largest biased scores
+  // (as a multiset: two equal maxima both count).
+  if (p.method == kDeepSeekV3 && p.n_group > 1) {
+    const int pg = E / p.n_group;
+    int grp[S];
+#pragma unroll
+    for (int i = 0; i < S; ++i) grp[i] = (i * 32 + lane) / pg;
+    float gscore[8];
+#pragma unroll
+    for (int g = 0; g < 8; ++g) {
+      float b1 = -INFINITY, b2 = -INFINITY;
+      if (g < p.n_group) {  // uniform across the warp
+#pragma unroll
+        for (int i = 0; i < S; ++i) {
+          if ((present & (1u << i)) && grp[i] == g) {
+            const float v = sel[i];
+            if (v > b1) {
+              b2 = b1;
+              b1 = v;
+            } else if (v > b2) {
+              b2 = v;
+            }
+          }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          const float o1 = __shfl_xor_sync(kFull, b1, o);
+          const float o2 = __shfl_xor_sync(kFull, b2, o);
+          const float n2 = fmaxf(fminf(b1, o1), fmaxf(b2, o2));
+          b1 = fmaxf(b1, o1);
+          b2 = n2;
+        }
+      }
+      gscore[g] = pg >= 2 ? b1 + b2 : b1;
+    }
+    // Keep the topk_group best groups, ties to the lower group (every lane computes the same).
+    uint32_t kept = 0;
+    for (int r = 0; r < p.topk_group; ++r) {
+      uint64_t best = 0;
+      int best_g = 0;
+#pragma unroll
+      for (int g = 0; g < 8; ++g) {
+        if (g < p.n_group && !(kept & (1u << g))) {
+          const uint64_t kk = MakeKey(gscore[g], g);
+          if (kk > best) {
+            best = kk;
+            best_g = g;
+          }
+        }
+      }
+      kept |= 1u << best_g;
+    }
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const bool keep = (present & (1u << i)) && grp[i] < 8 && (kept & (1u << grp[i]));
+      if (!keep) key[i] = 0;
+    }
+  }
+
+  // Iterative top-k: lane j keeps the j-th selection.
+  int my_id = 0;
+  float my_val = 0.0f;
+  uint32_t taken = 0;  // bit i: slot i already selected (a mask keeps key[] in registers)
+  for (int j = 0; j < k; ++j) {
+    uint64_t best = 0;
+    float val = 0.0f;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      if (!(taken & (1u << i)) && key[i] > best) {
+        best = key[i];
+        val = aux[i];
+      }
+    }
+    WarpArgMax(best, val);
+    int id = best ? KeyIndex(best) : 0;  // best == 0 cannot happen for valid parameters
+    if (id < 0 || id >= E) id = 0;
+    if ((id & 31) == lane) taken |= 1u << (id >> 5);
+    if (lane == j) {
+      my_id = id;
+      my_val = val;
+    }
+  }
+
+  // Weights.
+  float w = my_val;
+  switch (p.method) {
+    case kRenormalize: {
+      float mx = __shfl_sync(kFull, my_val, 0);
+      float ex = (lane < k) ? expf(my_val - mx) : 0.0f;
+      float sum = 0.0f;
+      for (int j = 0; j < k; ++j) sum += __shfl_sync(kFull, ex, j);
+      w = ex / sum;
+      break;
+    }
+    case kRenormalizeNaive: {
+      float sum = 0.0f;
+      for (int j = 0; j < k; ++j) sum += __shfl_sync(kFull, my_val, j);
+      w = my_val / sum;
+      break;
+    }
+    case kSigmoidRenorm: {
+      float sum = 0.0f;
+      for (int j = 0; j < k; ++j) sum += __shfl_sync(kFull, my_val, j);
+      w = my_val / fmaxf(sum, 1e-20f);
+      break;
+    }
+    case kDeepSeekV3:
+    case kMiniMax2: {
+      float sum = 0.0f;
+      for (int j = 0; j < k; ++j) sum += __shfl_sync(kFull, my_val, j);
+      w = my_val / (sum + 1e-20f) * p.rsf;
+      break;
+    }
+    case kLlama4:
+    case kTopKSigmoid:
+      w = Sigmoid(my_val);
+      break;
+    default:  // Default, TopK, Sigmoid: the selected value itself
+      break;
+  }
+  if (lane < k) {
+    ids_out[t * k + lane] = my_id;
+    w_out[t * k + lane] = __float2bfloat16_rn(w);
+  }
+}
+
+template <typename LogitT, int S>
+void LaunchRoute(cudaStream_t stream, const void* logits, const float* bias, int32_t* ids,
+                 __nv_bfloat16* w, const RouteParams& p) {
+  dim3 grid(CeilDiv(p.num_tokens, kWarpsPerBlock));
+  RouteKernel<LogitT, S><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+      static_cast<const LogitT*>(logits), bias, ids, w, p);
+}
+
+template <typename LogitT>
+void DispatchRoute(cudaStream_t stream, const void* logits, const float* bias, int32_t* ids,
+                   __nv_bfloat16* w, const RouteParams& p) {
+  const int e = p.num_experts;
+  if (e <= 32) LaunchRoute<LogitT, 1>(stream, logits, bias, ids, w, p);
+  else if (e <= 64) LaunchRoute<LogitT, 2>(stream, logits, bias, ids, w, p);
+  else if (e <= 128) LaunchRoute<LogitT, 4>(stream, logits, bias, ids, w, p);
+  else if (e <= 256) LaunchRoute<LogitT, 8>(stream, logits, bias, ids, w, p);
+  else LaunchRoute<LogitT, 16>(stream, logits, bias, ids, w, p);
+}
+
+ffi::Error RouteImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
+                     ffi::Result<ffi::Buffer<ffi::S32>> ids,
+                     ffi::Result<ffi::Buffer<ffi::BF16>> weights, int32_t top_k,
+                     int32_t routing_method, int32_t n_group, int32_t topk_group,
+                     float routed_scaling_factor) {
+  const auto ltype = logits.element_type();
+  if (ltype != ffi::DataType::F32 && ltype != ffi::DataType::BF16) {
+    return InvalidArgument("jax_moe_route: routing_logits: expected dtype float32 or bfloat16, got "
+                           "dtype code " + std::to_string(static_cast<int>(ltype)));
+  }
+  if (logits.dimensions().size() != 2) {
+    return InvalidArgument("jax_moe_route: routing_logits: expected rank 2 [T, E], got rank " +
+                           std::to_string(logits.dimensions().size()));
+  }
+  const int64_t T = Dim(logits, 0);
+  const int64_t E = Dim(logits, 1);
+  if (E < 1 || E > kMaxExperts) {
+    return InvalidArgument("jax_moe_route: routing_logits: number of experts must be in [1, " +
+                           std::to_string(kMaxExperts) + "], got " + std::to_string(E));
+  }
+  if (T > 0x7fffffffLL) return InvalidArgument("jax_moe_route: routing_logits: too many tokens");
+  if (routing_method < 0 || routing_method > 9) {
+    return InvalidArgument("jax_moe_route: routing_method: expected a value in [0, 9], got " +
+                           std::to_string(routing_method));
+  }
+  const int max_k = routing_method == kDeepSeekV3 ? 8 : 32;
+  if (top_k < 1 || top_k > max_k || top_k > E) {
+    return InvalidArgument("jax_moe_route: top_k: expected 1 <= top_k <= min(E=" +
+                           std::to_string(E) + ", " + std::to_string(max_k) +
+                           ") for this routing method, got " + std::to_string(top_k));
+  }
+  if (routing_method == kLlama4 && top_k != 1) {
+    return InvalidArgument("jax_moe_route: top_k: Llama4 routing needs top_k == 1, got " +
+                           std::to_string(top_k));
+  }
+  if (n_group < 1 || E % n_group != 0) {
+    return InvalidArgument("jax_moe_route: n_group: expected a divisor of E=" + std::to_string(E) +
+                           ", got " + std::to_string(n_group));
+  }
+  if (routing_method == kDeepSeekV3 && n_group > 1) {
+    const int64_t pg = E / n_group;
+    if (n_group > 8) {
+      return InvalidArgument("jax_moe_route: n_group: at most 8 groups supported, got " +
+                             std::to_string(n_group));
+    }
+    if (pg > 32) {
+      return InvalidArgument("jax_moe_route: n_group: at most 32 experts per group supported, got " +
+                             std::to_string(pg));
+    }
+    if (topk_group < 1 || topk_group > n_group) {
+      return InvalidArgument("jax_moe_route: topk_group: expected 1 <= topk_group <= n_group=" +
+                             std::to_string(n_group) + ", got " + std::to_string(topk_group));
+    }
+    if (top_k > topk_group * pg) {
+      return InvalidArgument("jax_moe_route: top_k: expected top_k <= topk_group * E / n_group = " +
+                             std::to_string(topk_group * pg) + ", got " + std::to_string(top_k));
+    }
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(bias, "routing_bias", {E}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*ids, "topk_ids (output)", {T, top_k}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*weights, "topk_weights (output)", {T, top_k}));
+  if (T == 0) return ffi::Error::Success();
+
+  RouteParams p{static_cast<int>(T), static_cast<int>(E), top_k, routing_method,
+                n_group, topk_group, routed_scaling_factor};
+  auto* w = reinterpret_cast<__nv_bfloat16*>(weights->typed_data());
+  if (ltype == ffi::DataType::F32) {
+    DispatchRoute<float>(stream, logits.untyped_data(), bias.typed_data(), ids->typed_data(), w, p);
+  } else {
+    DispatchRoute<__nv_bfloat16>(stream, logits.untyped_data(), bias.typed_data(),
+                                 ids->typed_data(), w, p);
+  }
+  JAX_MOE_CHECK_LAUNCH("jax_moe_route kernel launch");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(RouteHandler, RouteImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()            // routing_logits [T, E]
+                           .Arg<ffi::Buffer<ffi::F32>>()     // routing_bias [E]
+                           .Ret<ffi::Buffer<ffi::S32>>()     // topk_ids [T, k]
+                           .Ret<ffi::Buffer<ffi::BF16>>()    // topk_weights [T, k]
+                           .Attr<int32_t>("top_k")
+                           .Attr<int32_t>("routing_method")
+                           .Attr<int32_t>("n_group")
+                           .Attr<int32_t>("topk_group")
+                           .Attr<float>("routed_scaling_factor"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_route", RouteHandler);
+
+}  // namespace jax_moe
