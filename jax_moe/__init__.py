@@ -18,3 +18,18 @@ __all__ = [
     "fp8_block_scale_routed_moe", "pack_topk", "quantize_activations", "quantize_weights",
     "reference", "route", "unpack_topk",
 ]
+
+# Differentiation (SPEC section 5): custom VJP of the public functions, float-input entries.
+from . import grad  # noqa: E402
+from .api import moe_bf16, routed_moe_bf16  # noqa: E402
+from .grad import routing_weights  # noqa: E402
+
+__all__ += ["grad", "moe_bf16", "routed_moe_bf16", "routing_weights"]
+
+# Expert parallelism (SPEC section 4): inside shard_map, and ready mesh wrappers.
+from . import parallel  # noqa: E402
+from .parallel import (ep_moe, ep_routed_moe, expert_parallel_moe,  # noqa: E402
+                       expert_parallel_routed_moe)
+
+__all__ += ["parallel", "ep_moe", "ep_routed_moe", "expert_parallel_moe",
+            "expert_parallel_routed_moe"]

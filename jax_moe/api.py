@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _checks, _native, ops, reference
+from . import _checks, _native, grad, ops, quant, reference
 from .enums import ActivationType, RoutingMethodType
 from .routing import unpack_topk
 
@@ -26,6 +26,9 @@ CUDA_ROUTE_MAX_TOPK = 32
 CUDA_ROUTE_MAX_TOPK_DEEPSEEK = 8
 CUDA_ROUTE_MAX_GROUPS = 8
 CUDA_ROUTE_MAX_GROUP_SIZE = 32
+
+# Dtypes the float-input entries (`moe_bf16`, `routed_moe_bf16`) accept for hidden_states.
+FLOAT_HIDDEN = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def _use_cuda(backend):
@@ -115,23 +118,91 @@ def fp8_block_scale_moe(routing_logits, routing_bias, hidden_states, hidden_stat
                         activation_type=ActivationType.Swiglu, do_finalize=True, backend="auto"):
     """DeepSeek-style FP8 block-scaled MoE layer (FlashInfer `trtllm_fp8_block_scale_moe`).
 
-    Returns bf16 [T, H], or `MoEOutputs` with `do_finalize=False`. See SPEC section 1."""
+    Returns bf16 [T, H], or `MoEOutputs` with `do_finalize=False`. See SPEC section 1.
+    Differentiable (SPEC section 5, `jax_moe.grad`) and vmappable over leading token batches."""
+    return _moe(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, top_k=top_k,
+                num_experts=num_experts, n_group=n_group, topk_group=topk_group,
+                intermediate_size=intermediate_size, local_expert_offset=local_expert_offset,
+                local_num_experts=local_num_experts, routed_scaling_factor=routed_scaling_factor,
+                routing_method_type=routing_method_type, activation_type=activation_type,
+                do_finalize=do_finalize, backend=backend, float_hidden=False)
+
+
+def moe_bf16(routing_logits, routing_bias, hidden_states, gemm1_weights, gemm1_weights_scale,
+             gemm2_weights, gemm2_weights_scale, *, top_k, num_experts=None, n_group=None,
+             topk_group=None, intermediate_size=None, local_expert_offset=0,
+             local_num_experts=None, routed_scaling_factor=None,
+             routing_method_type=RoutingMethodType.DeepSeekV3,
+             activation_type=ActivationType.Swiglu, do_finalize=True, backend="auto"):
+    """`fp8_block_scale_moe` with float hidden states (bf16, f16 or f32 [T, H]), quantized
+    inside with `quantize_activations`. The gradient reaches `hidden_states` straight through
+    the quantization (d dequant(quant(x)) / dx taken as the identity), SPEC section 5."""
+    return _moe(routing_logits, routing_bias, hidden_states, None, gemm1_weights,
+                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, top_k=top_k,
+                num_experts=num_experts, n_group=n_group, topk_group=topk_group,
+                intermediate_size=intermediate_size, local_expert_offset=local_expert_offset,
+                local_num_experts=local_num_experts, routed_scaling_factor=routed_scaling_factor,
+                routing_method_type=routing_method_type, activation_type=activation_type,
+                do_finalize=do_finalize, backend=backend, float_hidden=True)
+
+
+def _check_float_hidden(hidden_states, float_hidden):
+    """For the float-input entries: checks the float hidden states and returns fp8 stand-ins
+    (hidden, scale) with the shapes and dtypes the fp8 argument checks expect."""
+    if not float_hidden:
+        return None
+    hidden_states = _checks.check_array(hidden_states, "hidden_states", 2, FLOAT_HIDDEN)
+    t, h = hidden_states.shape
+    if h % quant.BLOCK:
+        raise ValueError(f"hidden_states: hidden size must be a multiple of {quant.BLOCK}, got {h}")
+    return (jax.ShapeDtypeStruct((t, h), quant.FP8),
+            jax.ShapeDtypeStruct((h // quant.BLOCK, t), jnp.float32))
+
+
+def _stages(cfg, routing_a, routing_b, hidden_states, hidden_states_scale, gemm1_weights,
+            gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, offset):
+    """The stages of one call (forward only; `grad.moe` adds the VJP and the vmap rule)
+    -> (result, topk_ids, topk_weights)."""
+    if cfg.float_hidden:
+        hidden_states, hidden_states_scale = quant.quantize_activations(hidden_states)
+    if cfg.routed:
+        ids, weights = routing_a, routing_b
+    else:
+        ids, weights = _route(routing_a, routing_b, cfg.top_k, cfg.routing_method_type,
+                              cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor,
+                              cfg.use_cuda, cfg.strict)
+    out = run_experts(ops if cfg.use_cuda else reference, ids, weights, hidden_states,
+                      hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                      gemm2_weights_scale, num_experts=cfg.num_experts,
+                      local_expert_offset=offset, activation_type=cfg.activation_type,
+                      do_finalize=cfg.do_finalize)
+    return out, ids, weights
+
+
+def _moe(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+         gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, top_k, num_experts,
+         n_group, topk_group, intermediate_size, local_expert_offset, local_num_experts,
+         routed_scaling_factor, routing_method_type, activation_type, do_finalize, backend,
+         float_hidden):
     method = _checks.routing_method(routing_method_type)
     e = _checks.check_logits(routing_logits, routing_bias, num_experts)
     top_k, n_group, topk_group, rsf = _checks.check_routing(
         e, top_k, method, n_group, topk_group, routed_scaling_factor)
+    stand_in = _check_float_hidden(hidden_states, float_hidden)
     _, _, _, offset = _checks.check_experts(
-        hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
-        gemm2_weights_scale, num_tokens=routing_logits.shape[0], num_experts=e,
+        *(stand_in or (hidden_states, hidden_states_scale)), gemm1_weights, gemm1_weights_scale,
+        gemm2_weights, gemm2_weights_scale, num_tokens=routing_logits.shape[0], num_experts=e,
         intermediate_size=intermediate_size, local_expert_offset=local_expert_offset,
         local_num_experts=local_num_experts, activation_type=activation_type)
     use_cuda = _use_cuda(backend)
-    ids, weights = _route(routing_logits, routing_bias, top_k, method, n_group, topk_group, rsf,
-                          use_cuda, strict=backend == "cuda")
-    return run_experts(ops if use_cuda else reference, ids, weights, hidden_states,
-                       hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
-                       gemm2_weights_scale, num_experts=e, local_expert_offset=offset,
-                       activation_type=_checks.activation(activation_type), do_finalize=do_finalize)
+    cfg = grad.Config(routed=False, float_hidden=float_hidden, top_k=top_k,
+                      routing_method_type=method, n_group=n_group, topk_group=topk_group,
+                      routed_scaling_factor=rsf, num_experts=e,
+                      activation_type=_checks.activation(activation_type),
+                      do_finalize=bool(do_finalize), use_cuda=use_cuda, strict=backend == "cuda")
+    return grad.moe(_stages, cfg, routing_logits, routing_bias, hidden_states, hidden_states_scale,
+                    gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, offset)
 
 
 def fp8_block_scale_routed_moe(topk_ids, routing_bias, hidden_states, hidden_states_scale,
@@ -148,7 +219,43 @@ def fp8_block_scale_routed_moe(topk_ids, routing_bias, hidden_states, hidden_sta
     (ids int32 [T, k], weights bf16/f32 [T, k]). The weights are used as given; the routing
     arguments (bias, groups, scaling factor, method) are accepted for signature compatibility and
     only validated. Ids outside [0, num_experts) are skipped. `num_experts` defaults to
-    local_expert_offset + local_num_experts when not given."""
+    local_expert_offset + local_num_experts when not given. Differentiable: with the tuple form
+    the float weights get a gradient too (packed ids carry none)."""
+    return _routed_moe(topk_ids, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                       gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, top_k=top_k,
+                       num_experts=num_experts, n_group=n_group, topk_group=topk_group,
+                       intermediate_size=intermediate_size,
+                       local_expert_offset=local_expert_offset,
+                       local_num_experts=local_num_experts,
+                       routed_scaling_factor=routed_scaling_factor,
+                       routing_method_type=routing_method_type, activation_type=activation_type,
+                       do_finalize=do_finalize, backend=backend, float_hidden=False)
+
+
+def routed_moe_bf16(topk_ids, routing_bias, hidden_states, gemm1_weights, gemm1_weights_scale,
+                    gemm2_weights, gemm2_weights_scale, *, top_k, num_experts=None, n_group=None,
+                    topk_group=None, intermediate_size=None, local_expert_offset=0,
+                    local_num_experts=None, routed_scaling_factor=None,
+                    routing_method_type=RoutingMethodType.DeepSeekV3,
+                    activation_type=ActivationType.Swiglu, do_finalize=True, backend="auto"):
+    """`fp8_block_scale_routed_moe` with float hidden states [T, H] quantized inside (see
+    `moe_bf16`); the gradient reaches them straight through the quantization."""
+    return _routed_moe(topk_ids, routing_bias, hidden_states, None, gemm1_weights,
+                       gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, top_k=top_k,
+                       num_experts=num_experts, n_group=n_group, topk_group=topk_group,
+                       intermediate_size=intermediate_size,
+                       local_expert_offset=local_expert_offset,
+                       local_num_experts=local_num_experts,
+                       routed_scaling_factor=routed_scaling_factor,
+                       routing_method_type=routing_method_type, activation_type=activation_type,
+                       do_finalize=do_finalize, backend=backend, float_hidden=True)
+
+
+def _routed_moe(topk_ids, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, top_k, num_experts,
+                n_group, topk_group, intermediate_size, local_expert_offset, local_num_experts,
+                routed_scaling_factor, routing_method_type, activation_type, do_finalize,
+                backend, float_hidden):
     t, k = _checks.check_topk_ids(topk_ids)
     top_k = _checks._static_int(top_k, "top_k", minimum=1)
     if k != top_k:
@@ -166,9 +273,10 @@ def fp8_block_scale_routed_moe(topk_ids, routing_bias, hidden_states, hidden_sta
     _checks.check_bias(routing_bias, num_experts)
     if top_k > num_experts:
         raise ValueError(f"top_k: expected top_k <= num_experts = {num_experts}, got {top_k}")
+    stand_in = _check_float_hidden(hidden_states, float_hidden)
     _, _, _, offset = _checks.check_experts(
-        hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
-        gemm2_weights_scale, num_tokens=t, num_experts=num_experts,
+        *(stand_in or (hidden_states, hidden_states_scale)), gemm1_weights, gemm1_weights_scale,
+        gemm2_weights, gemm2_weights_scale, num_tokens=t, num_experts=num_experts,
         intermediate_size=intermediate_size, local_expert_offset=local_expert_offset,
         local_num_experts=local_num_experts, activation_type=activation_type)
     if isinstance(topk_ids, (tuple, list)):
@@ -176,7 +284,10 @@ def fp8_block_scale_routed_moe(topk_ids, routing_bias, hidden_states, hidden_sta
     else:
         ids, weights = unpack_topk(topk_ids)
     use_cuda = _use_cuda(backend)
-    return run_experts(ops if use_cuda else reference, ids, weights, hidden_states,
-                       hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
-                       gemm2_weights_scale, num_experts=num_experts, local_expert_offset=offset,
-                       activation_type=_checks.activation(activation_type), do_finalize=do_finalize)
+    cfg = grad.Config(routed=True, float_hidden=float_hidden, top_k=top_k,
+                      routing_method_type=_checks.routing_method(routing_method_type), n_group=None,
+                      topk_group=None, routed_scaling_factor=None, num_experts=num_experts,
+                      activation_type=_checks.activation(activation_type),
+                      do_finalize=bool(do_finalize), use_cuda=use_cuda, strict=backend == "cuda")
+    return grad.moe(_stages, cfg, ids, weights, hidden_states, hidden_states_scale, gemm1_weights,
+                    gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, offset)
