@@ -59,5 +59,9 @@ def cuda_available() -> bool:
     return cuda_status()[0]
 
 
-def registered_targets():
-    return _register() if cuda_available() else ()
+def register_targets():
+    """Registers the FFI targets (idempotent); an error explains why the CUDA path is unusable."""
+    ok, why = cuda_status()
+    if not ok:
+        raise RuntimeError(f"jax_moe CUDA custom calls unavailable: {why}")
+    return _register()

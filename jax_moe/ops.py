@@ -18,11 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import quant
+from . import _native, quant
 from .enums import is_gated
 
 BLOCK = quant.BLOCK
 FP8 = quant.FP8
+
+
+def _ffi_call(target, result_shapes, **kwargs):
+    """`jax.ffi.ffi_call` after making sure this module's targets are registered with XLA."""
+    _native.register_targets()
+    return jax.ffi.ffi_call(target, result_shapes, **kwargs)
 
 
 def _i32(v):
@@ -38,7 +44,7 @@ def route(routing_logits, routing_bias, *, top_k, routing_method_type, n_group=N
     bias = (jnp.zeros((e,), jnp.float32) if routing_bias is None
             else routing_bias.astype(jnp.float32))
     rsf = 1.0 if routed_scaling_factor is None else routed_scaling_factor
-    return jax.ffi.ffi_call(
+    return _ffi_call(
         "jax_moe_route",
         (jax.ShapeDtypeStruct((t, top_k), jnp.int32), jax.ShapeDtypeStruct((t, top_k), jnp.bfloat16)),
         vmap_method="broadcast_all",
@@ -59,7 +65,7 @@ def plan(local_ids, num_local_experts):
     values outside [0, E_loc) are not local) -> Plan. Within an expert, rows keep slot order, so
     the result is deterministic."""
     num_slots = local_ids.size
-    offsets, slot_to_row, row_to_slot, _ = jax.ffi.ffi_call(
+    offsets, slot_to_row, row_to_slot, _ = _ffi_call(
         "jax_moe_plan",
         (jax.ShapeDtypeStruct((num_local_experts + 1,), jnp.int32),
          jax.ShapeDtypeStruct((num_slots,), jnp.int32),
@@ -80,7 +86,7 @@ def permute(hidden_states, hidden_states_scale, p: Plan, top_k):
     row scales f32 [T*k*H/128] in the grouped MN-major layout)."""
     t, h = hidden_states.shape
     m = t * top_k
-    return jax.ffi.ffi_call(
+    return _ffi_call(
         "jax_moe_permute",
         (jax.ShapeDtypeStruct((m, h), FP8), jax.ShapeDtypeStruct((m * h // BLOCK,), jnp.float32)),
     )(hidden_states, hidden_states_scale, p.row_to_slot, p.expert_offsets, top_k=_i32(top_k))
@@ -102,7 +108,7 @@ def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloa
     applied per 128 of K). Rows past offsets[G] are not written."""
     m, _ = a.shape
     g, n, _ = b.shape
-    d, _ = jax.ffi.ffi_call(
+    d, _ = _ffi_call(
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), out_dtype),
          jax.ShapeDtypeStruct((grouped_gemm_workspace_bytes(g),), jnp.uint8)),
@@ -120,7 +126,7 @@ def act_quant(g, p: Plan, activation_type):
     scales f32 [M*I/128] grouped MN-major). Only rows below offsets[E_loc] are processed."""
     m, n = g.shape
     i = n // 2 if is_gated(activation_type) else n
-    return jax.ffi.ffi_call(
+    return _ffi_call(
         "jax_moe_act_quant",
         (jax.ShapeDtypeStruct((m, i), FP8), jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32)),
     )(g, p.expert_offsets, activation=_i32(activation_type))
@@ -134,7 +140,7 @@ def finalize(y, p: Plan, topk_weights, do_finalize=True):
     t, k = topk_weights.shape
     h = y.shape[1]
     shape = (t, h) if do_finalize else (t, k, h)
-    return jax.ffi.ffi_call("jax_moe_finalize", jax.ShapeDtypeStruct(shape, jnp.bfloat16))(
+    return _ffi_call("jax_moe_finalize", jax.ShapeDtypeStruct(shape, jnp.bfloat16))(
         y, p.slot_to_row, topk_weights.astype(jnp.bfloat16), do_finalize=bool(do_finalize))
 
 
