@@ -1,8 +1,9 @@
 // jax_moe_act_quant: activation of the GEMM1 output in float32 and FP8 re-quantization per
-// 1x128 block (SPEC section 3 steps 3-4). A half warp handles one (row, 128-block): 16 lanes of
-// 8 values each (16-byte bf16 loads), amax by shuffles within the half warp. Only rows below
-// expert_offsets[E_loc] (read on the device) are processed; scales go to the grouped MN-major
-// layout.
+// 1x128 block (SPEC section 3 steps 3-4). The GEMM1 output is float32 (what the pipeline passes)
+// or bfloat16; the math is the same float32 either way. A half warp handles one (row, 128-block):
+// 16 lanes of 8 values each (one 16-byte bf16 load or two float4 loads), amax by shuffles
+// within the half warp. Only rows below expert_offsets[E_loc] (read on the device) are
+// processed; scales go to the grouped MN-major layout.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -29,19 +30,29 @@ __device__ __forceinline__ float GeluTanh(float x) {
   return (0.5f * x) * (1.0f + tanhf(0.7978845608028654f * inner));
 }
 
-__device__ __forceinline__ void Unpack8(const uint4& v, float* f) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+// 8 consecutive values at p (16-byte aligned for bf16, 32-byte for float) -> float32.
+__device__ __forceinline__ void Load8(const __nv_bfloat16* p, float* f) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    float2 x = __bfloat1622float2(p[i]);
+    float2 x = __bfloat1622float2(h[i]);
     f[2 * i] = x.x;
     f[2 * i + 1] = x.y;
   }
 }
 
-template <int ACT>
+__device__ __forceinline__ void Load8(const float* p, float* f) {
+  const float4 lo = reinterpret_cast<const float4*>(p)[0];
+  const float4 hi = reinterpret_cast<const float4*>(p)[1];
+  f[0] = lo.x, f[1] = lo.y, f[2] = lo.z, f[3] = lo.w;
+  f[4] = hi.x, f[5] = hi.y, f[6] = hi.z, f[7] = hi.w;
+}
+
+// T: element type of the GEMM1 output, __nv_bfloat16 or float.
+template <int ACT, class T>
 __global__ void __launch_bounds__(kThreads)
-    ActQuantKernel(const __nv_bfloat16* __restrict__ g, const int32_t* __restrict__ offsets,
+    ActQuantKernel(const T* __restrict__ g, const int32_t* __restrict__ offsets,
                    int num_groups, int64_t num_rows, int64_t inter,
                    __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scales) {
   extern __shared__ int offs[];  // [G + 1]
@@ -77,12 +88,12 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t col = kb * 128 + sub * 8;
     float a[8];
     if (valid) {
-      const __nv_bfloat16* row = g + r * in_cols;
+      const T* row = g + r * in_cols;
       float x[8];
-      Unpack8(*reinterpret_cast<const uint4*>(row + col), x);
+      Load8(row + col, x);
       if (kGated) {
         float gate[8];
-        Unpack8(*reinterpret_cast<const uint4*>(row + inter + col), gate);
+        Load8(row + inter + col, gate);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           if (ACT == kSwiglu) a[i] = gate[i] / (1.0f + expf(-gate[i])) * x[i];
@@ -138,13 +149,42 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> g,
+template <class T>
+void LaunchActQuant(cudaStream_t stream, unsigned grid, size_t smem, int32_t activation,
+                    const void* g, const int32_t* offsets, int num_groups, int64_t m,
+                    int64_t inter, __nv_fp8_storage_t* q, float* scales) {
+  auto* gp = static_cast<const T*>(g);
+  switch (activation) {
+    case kSwiglu:
+      ActQuantKernel<kSwiglu, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
+                                                                   inter, q, scales);
+      break;
+    case kGeglu:
+      ActQuantKernel<kGeglu, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
+                                                                  inter, q, scales);
+      break;
+    case kRelu2:
+      ActQuantKernel<kRelu2, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
+                                                                  inter, q, scales);
+      break;
+    default:
+      ActQuantKernel<kIdentity, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
+                                                                     inter, q, scales);
+      break;
+  }
+}
+
+ffi::Error ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer g,
                         ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> q,
                         ffi::Result<ffi::Buffer<ffi::F32>> scales, int32_t activation) {
   const bool gated = activation == kSwiglu || activation == kGeglu;
   if (!gated && activation != kRelu2 && activation != kIdentity) {
     return InvalidArgument("jax_moe_act_quant: activation: expected Swiglu (3), Geglu (4), "
                            "Relu2 (6) or Identity (9), got " + std::to_string(activation));
+  }
+  const ffi::DataType g_type = g.element_type();
+  if (g_type != ffi::DataType::F32 && g_type != ffi::DataType::BF16) {
+    return InvalidArgument("jax_moe_act_quant: gemm1 output: expected dtype float32 or bfloat16");
   }
   if (g.dimensions().size() != 2) {
     return InvalidArgument("jax_moe_act_quant: gemm1 output: expected rank 2 [M, N], got rank " +
@@ -176,26 +216,10 @@ ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> g,
   const int64_t cap = static_cast<int64_t>(NumSms()) * 16;
   const unsigned grid = static_cast<unsigned>(needed < cap ? needed : cap);
   const size_t smem = (num_groups + 1) * sizeof(int);
-  auto* gp = reinterpret_cast<const __nv_bfloat16*>(g.typed_data());
   auto* qp = static_cast<__nv_fp8_storage_t*>(q->untyped_data());
-  switch (activation) {
-    case kSwiglu:
-      ActQuantKernel<kSwiglu><<<grid, kThreads, smem, stream>>>(gp, offsets.typed_data(), num_groups,
-                                                                m, inter, qp, scales->typed_data());
-      break;
-    case kGeglu:
-      ActQuantKernel<kGeglu><<<grid, kThreads, smem, stream>>>(gp, offsets.typed_data(), num_groups,
-                                                               m, inter, qp, scales->typed_data());
-      break;
-    case kRelu2:
-      ActQuantKernel<kRelu2><<<grid, kThreads, smem, stream>>>(gp, offsets.typed_data(), num_groups,
-                                                               m, inter, qp, scales->typed_data());
-      break;
-    default:
-      ActQuantKernel<kIdentity><<<grid, kThreads, smem, stream>>>(
-          gp, offsets.typed_data(), num_groups, m, inter, qp, scales->typed_data());
-      break;
-  }
+  auto launch = g_type == ffi::DataType::F32 ? LaunchActQuant<float> : LaunchActQuant<__nv_bfloat16>;
+  launch(stream, grid, smem, activation, g.untyped_data(), offsets.typed_data(), num_groups, m,
+         inter, qp, scales->typed_data());
   JAX_MOE_CHECK_LAUNCH("jax_moe_act_quant kernel launch");
   return ffi::Error::Success();
 }
@@ -205,7 +229,7 @@ ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> g,
 XLA_FFI_DEFINE_HANDLER(ActQuantHandler, ActQuantImpl,
                        ffi::Ffi::Bind()
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Arg<ffi::Buffer<ffi::BF16>>()   // gemm1 output [M, 2I] or [M, I]
+                           .Arg<ffi::AnyBuffer>()           // gemm1 output f32|bf16 [M, 2I] or [M, I]
                            .Arg<ffi::Buffer<ffi::S32>>()    // expert_offsets [E_loc + 1]
                            .Ret<ffi::AnyBuffer>()           // fp8 [M, I]
                            .Ret<ffi::Buffer<ffi::F32>>()    // scales [M*I/128]

@@ -4,7 +4,8 @@
 //
 // with a fp8 [M, K] (1x128 scales, grouped MN-major, see jax_moe/ops.py), b fp8 [G, N, K]
 // (128x128 scales [G, N/128, K/128]), groups = contiguous row ranges given by
-// expert_offsets int32 [G+1], d bf16 [M, N]. Rows past offsets[G] are not written.
+// expert_offsets int32 [G+1], d bfloat16 or float32 [M, N] (the dtype of the result buffer
+// picks the kernel). Rows past offsets[G] are not written.
 //
 // Built on CUTLASS 4.2's sm90 pointer-array grouped GEMM with software blockwise scaling
 // (KernelPtrArrayTmaWarpSpecialized{Cooperative,Pingpong}FP8Blockwise): fp32 accumulation,
@@ -26,6 +27,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 // The XLA FFI headers come first: CUTLASS's cute/atom/mma_traits_sm100.hpp turns
 // -Wmissing-field-initializers into an error, which newer XLA FFI headers trip.
@@ -55,18 +57,25 @@ using namespace cute;
 constexpr int kBlock = 128;  // scale block along K (and N for the weights)
 
 // --------------------------------------------------------------------------------------------
-// Kernel configuration: one template, instantiated for at most two tile shapes.
+// Kernel configuration: one template, instantiated for two tile shapes x two output types
+// (4 kernels). Most of this file's compile time is CUTLASS's headers and shared templates: the
+// float32 pair adds ~10 s to ~70 s, while a second translation unit would redo ~60 s of it.
 // --------------------------------------------------------------------------------------------
-template <class TileShape_, class ClusterShape_, class KernelSchedule_, class EpilogueSchedule_>
+template <class ElementD_, class TileShape_, class ClusterShape_, class KernelSchedule_,
+          class EpilogueSchedule_>
 struct GroupedGemmConfig {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
-  using ElementD = cutlass::bfloat16_t;
+  using ElementD = ElementD_;  // cutlass::bfloat16_t or float
+  static_assert(std::is_same_v<ElementD, cutlass::bfloat16_t> || std::is_same_v<ElementD, float>);
   using ElementAcc = float;  // also the element type of the block scales
   using LayoutA = cutlass::layout::RowMajor;     // a [M, K], K contiguous
   using LayoutB = cutlass::layout::ColumnMajor;  // b [N, K] per group, K contiguous
   using LayoutD = cutlass::layout::RowMajor;     // d [M, N], N contiguous
-  static constexpr int kAlignA = 16, kAlignB = 16, kAlignD = 8;  // 16 bytes each
+  // 16 bytes each: 16 fp8, 8 bf16 or 4 float. D rows start at offsets[g]*N elements with
+  // N % 128 == 0, so every group's D pointer stays 16-byte aligned for both output types.
+  static constexpr int kAlignA = 16, kAlignB = 16;
+  static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
 
   using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kBlock, kBlock, cute::GMMA::Major::MN,
                                                                 cute::GMMA::Major::K>;
@@ -102,11 +111,13 @@ struct GroupedGemmConfig {
 };
 
 // Many rows per group: 128x128x128 cooperative, 2-CTA clusters along N (A multicast).
-using BigConfig = GroupedGemmConfig<Shape<_128, _128, _128>, Shape<_1, _2, _1>,
+template <class ElementD>
+using BigConfig = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
                                     cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
                                     cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
 // Few rows per group (decode): 64x128x128 ping-pong, less padding waste along M.
-using SmallConfig = GroupedGemmConfig<Shape<_64, _128, _128>, Shape<_1, _1, _1>,
+template <class ElementD>
+using SmallConfig = GroupedGemmConfig<ElementD, Shape<_64, _128, _128>, Shape<_1, _1, _1>,
                                       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
                                       cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
 
@@ -312,8 +323,9 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
   const char* op = "jax_moe_grouped_gemm";
   if (!IsFp8E4M3(a)) return InvalidArgument(std::string(op) + ": a: dtype must be float8_e4m3fn");
   if (!IsFp8E4M3(b)) return InvalidArgument(std::string(op) + ": b: dtype must be float8_e4m3fn");
-  if (d->element_type() != ffi::DataType::BF16)
-    return InvalidArgument(std::string(op) + ": d: output dtype must be bfloat16");
+  const bool f32_out = d->element_type() == ffi::DataType::F32;
+  if (!f32_out && d->element_type() != ffi::DataType::BF16)
+    return InvalidArgument(std::string(op) + ": d: output dtype must be bfloat16 or float32");
   if (a.dimensions().size() != 2) return InvalidArgument(std::string(op) + ": a: expected rank 2 [M, K]");
   if (b.dimensions().size() != 3) return InvalidArgument(std::string(op) + ": b: expected rank 3 [G, N, K]");
   const int64_t m = Dim(a, 0), k = Dim(a, 1);
@@ -342,7 +354,8 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                                a_scale.typed_data(), b.untyped_data(), b_scale.typed_data(), offsets.typed_data(),
                                d->untyped_data(), workspace->typed_data(), workspace->size_bytes());
   };
-  return small ? run(SmallConfig{}) : run(BigConfig{});
+  if (f32_out) return small ? run(SmallConfig<float>{}) : run(BigConfig<float>{});
+  return small ? run(SmallConfig<cutlass::bfloat16_t>{}) : run(BigConfig<cutlass::bfloat16_t>{});
 }
 
 }  // namespace
@@ -357,7 +370,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMoeGroupedGemm, jax_moe::GroupedGemmImpl,
                                   .Arg<xla::ffi::AnyBuffer>()                   // b
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()       // b_scale
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()       // expert_offsets
-                                  .Ret<xla::ffi::AnyBuffer>()                   // d
+                                  .Ret<xla::ffi::AnyBuffer>()                   // d: bf16 or f32
                                   .Ret<xla::ffi::Buffer<xla::ffi::U8>>(),       // workspace
                               {xla::ffi::Traits::kCmdBufferCompatible});
 

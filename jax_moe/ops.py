@@ -103,9 +103,10 @@ def grouped_gemm_workspace_bytes(num_groups):
 
 def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloat16):
     """`jax_moe_grouped_gemm`: a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major),
-    b fp8 [G, N, K], b_scale f32 [G, N/128, K/128], offsets int32 [G+1] -> d bf16 [M, N] with
-    d[r] = dequant(a[r]) @ dequant(b[g]).T for r in group g (float32 accumulation, block scales
-    applied per 128 of K). Rows past offsets[G] are not written."""
+    b fp8 [G, N, K], b_scale f32 [G, N/128, K/128], offsets int32 [G+1] -> d [M, N] in
+    out_dtype (bfloat16 or float32) with d[r] = dequant(a[r]) @ dequant(b[g]).T for r in group g
+    (float32 accumulation, block scales applied per 128 of K). Rows past offsets[G] are not
+    written."""
     m, _ = a.shape
     g, n, _ = b.shape
     d, _ = _ffi_call(
@@ -122,8 +123,9 @@ def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jn
 
 # --------------------------------------------------------------------------- activation
 def act_quant(g, p: Plan, activation_type):
-    """`jax_moe_act_quant`: GEMM1 output bf16 [M, 2I] (gated) or [M, I] -> (fp8 [M, I],
-    scales f32 [M*I/128] grouped MN-major). Only rows below offsets[E_loc] are processed."""
+    """`jax_moe_act_quant`: GEMM1 output float32 (what the pipeline passes) or bf16 [M, 2I]
+    (gated) or [M, I] -> (fp8 [M, I], scales f32 [M*I/128] grouped MN-major). The activation is
+    computed in float32 either way. Only rows below offsets[E_loc] are processed."""
     m, n = g.shape
     i = n // 2 if is_gated(activation_type) else n
     return _ffi_call(

@@ -5,7 +5,8 @@ against. Rows are grouped by expert and padded per expert to a tile of `tile_m` 
 tile multiplies one expert's weights: the work is proportional to the routed rows, and nothing of
 size [T, E_loc, H] (or dense over experts) is ever built.
 
-Rounding points (SPEC section 3): GEMM1 output rounded to bfloat16, activation in float32,
+Rounding points (SPEC section 3): GEMM1 output kept in float32 (SPEC allows rounding it to
+bfloat16; both backends keep float32, see `api.run_experts`), activation in float32,
 re-quantization to fp8 per 128-block, GEMM2 output rounded to bfloat16, finalize summed in
 float32 and rounded to bfloat16.
 """

@@ -290,7 +290,7 @@ def test_plan_skewed_large():
 
 
 # --------------------------------------------------------------------------- act_quant
-def _act_inputs(rng, t, k, e_loc, inter, act):
+def _act_inputs(rng, t, k, e_loc, inter, act, dtype=jnp.bfloat16):
     ids = _plan_ids(rng, t, k, e_loc, "mixed")
     p = ops.plan(jnp.asarray(ids), e_loc)
     m = t * k
@@ -298,15 +298,28 @@ def _act_inputs(rng, t, k, e_loc, inter, act):
     g = rng.standard_normal((m, n)).astype(np.float32) * rng.uniform(0.1, 4.0, (m, 1))
     g[5] = 0.0  # all-zero rows: scale FLT_MIN, q = 0
     g[7, :128] *= 1e4  # a large block
-    return p, jnp.asarray(g).astype(jnp.bfloat16)
+    return p, jnp.asarray(g).astype(dtype)
 
 
 @pytest.mark.parametrize("inter", [128, 384, 2048])
 @pytest.mark.parametrize("act", [A.Swiglu, A.Geglu, A.Relu2, A.Identity], ids=lambda a: a.name)
 def test_act_quant(act, inter):
+    _check_act_quant(act, inter, jnp.bfloat16)
+
+
+# float32 GEMM1 output: what the pipeline passes (api.run_experts)
+@pytest.mark.parametrize("act,inter", [(A.Swiglu, 128), (A.Swiglu, 2048), (A.Geglu, 384),
+                                       (A.Relu2, 384), (A.Identity, 128)],
+                         ids=lambda v: v.name if isinstance(v, A) else str(v))
+def test_act_quant_f32_input(act, inter):
+    _check_act_quant(act, inter, jnp.float32)
+
+
+def _check_act_quant(act, inter, dtype):
     rng = np.random.default_rng(int(act) * 1000 + inter)
     t, k, e_loc = (300, 8, 32) if inter < 2048 else (512, 8, 256)
-    p, g = _act_inputs(rng, t, k, e_loc, inter, act)
+    p, g = _act_inputs(rng, t, k, e_loc, inter, act, dtype)
+    assert g.dtype == dtype
     q, s = ops.act_quant(g, p, act)
     assert q.dtype == jnp.float8_e4m3fn and q.shape == (t * k, inter)
     assert s.dtype == jnp.float32 and s.shape == (t * k * inter // 128,)
@@ -330,6 +343,12 @@ def test_act_quant_rejects_unsupported_activation():
             "jax_moe_act_quant",
             (jax.ShapeDtypeStruct((8, 128), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((8,), jnp.float32)),
         )(jnp.zeros((8, 128), jnp.bfloat16), p.expert_offsets, activation=np.int32(1)))
+
+
+def test_act_quant_rejects_float16_input():
+    p = ops.plan(jnp.zeros((4, 2), jnp.int32), 4)
+    with pytest.raises(Exception, match="float32 or bfloat16"):
+        jax.block_until_ready(ops.act_quant(jnp.zeros((8, 256), jnp.float16), p, A.Swiglu))
 
 
 # --------------------------------------------------------------------------- finalize
