@@ -39,7 +39,8 @@ def random_moe_inputs(key, *, num_tokens, hidden_size, intermediate_size, num_ex
     e_loc = num_experts if local_num_experts is None else local_num_experts
     k_logit, k_bias, k_x, k_w1, k_w2 = jax.random.split(key, 5)
     logits = jax.random.normal(k_logit, (num_tokens, num_experts), jnp.float32).astype(logits_dtype)
-    bias = 0.1 * jax.random.normal(k_bias, (num_experts,), jnp.float32)
+    # a small selection bias, as a trained load-balancing bias keeps routing near uniform
+    bias = 0.01 * jax.random.normal(k_bias, (num_experts,), jnp.float32)
     x = jax.random.normal(k_x, (num_tokens, hidden_size), jnp.float32)
     xq, xs = quant.quantize_activations(x)
     rows1 = (2 if is_gated(activation_type) else 1) * intermediate_size
