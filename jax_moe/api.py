@@ -275,8 +275,9 @@ def _routed_moe(topk_ids, routing_bias, hidden_states, hidden_states_scale, gemm
             raise ValueError("num_experts: required when local_expert_offset is traced")
     num_experts = _checks._static_int(num_experts, "num_experts", minimum=1)
     _checks.check_bias(routing_bias, num_experts)
-    if top_k > num_experts:
-        raise ValueError(f"top_k: expected top_k <= num_experts = {num_experts}, got {top_k}")
+    # The routing arguments select nothing here, but must still describe a valid routing.
+    _checks.check_routing(num_experts, top_k, _checks.routing_method(routing_method_type),
+                          n_group, topk_group, routed_scaling_factor)
     stand_in = _check_float_hidden(hidden_states, float_hidden)
     _, _, _, offset = _checks.check_experts(
         *(stand_in or (hidden_states, hidden_states_scale)), gemm1_weights, gemm1_weights_scale,

@@ -247,3 +247,22 @@ def test_backend_cuda_without_cuda_is_a_clear_error():
     assert "backend" in str(info.value)
     with pytest.raises((RuntimeError, ValueError, NotImplementedError), match="cuda|CUDA"):
         call_routed(arrays, dict(static, backend="cuda"), jnp.zeros((T, K), jnp.int32))
+
+
+def test_routed_entry_checks_routing_arguments():
+    """The pre-routed entry validates the routing arguments it is given like the logits entry."""
+    e, h, i, t = 8, 128, 128, 4
+    w1 = jax.ShapeDtypeStruct((e, 2 * i, h), jnp.float8_e4m3fn)
+    w1s = jax.ShapeDtypeStruct((e, 2 * i // 128, h // 128), jnp.float32)
+    w2 = jax.ShapeDtypeStruct((e, h, i), jnp.float8_e4m3fn)
+    w2s = jax.ShapeDtypeStruct((e, h // 128, i // 128), jnp.float32)
+    x = jax.ShapeDtypeStruct((t, h), jnp.float8_e4m3fn)
+    xs = jax.ShapeDtypeStruct((h // 128, t), jnp.float32)
+    ids = jax.ShapeDtypeStruct((t, 2), jnp.int32)
+    call = functools.partial(jax_moe.fp8_block_scale_routed_moe, backend="xla", top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        jax.eval_shape(functools.partial(call, routing_method_type=3), ids, None, x, xs, w1, w1s, w2, w2s)
+    with pytest.raises(ValueError, match="n_group"):
+        jax.eval_shape(functools.partial(call, n_group=3, topk_group=1), ids, None, x, xs, w1, w1s, w2, w2s)
+    with pytest.raises(ValueError, match="topk_group"):
+        jax.eval_shape(functools.partial(call, n_group=2, topk_group=4), ids, None, x, xs, w1, w1s, w2, w2s)
