@@ -22,7 +22,7 @@ __all__ = [
 # Differentiation (SPEC section 5): custom VJP of the public functions, float-input entries.
 from . import grad  # noqa: E402
 from .api import moe_bf16, routed_moe_bf16  # noqa: E402
-from .grad import routing_weights  # noqa: E402
+from .routing import routing_weights  # noqa: E402
 
 __all__ += ["grad", "moe_bf16", "routed_moe_bf16", "routing_weights"]
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from . import quant, reference
 from .enums import RoutingMethodType as R
+from .routing import routing_weights
 from .enums import ActivationType
 
 
@@ -60,40 +61,6 @@ class Config(NamedTuple):
     do_finalize: bool
     use_cuda: bool
     strict: bool
-
-
-# --------------------------------------------------------------------------- routing weights
-def routing_weights(routing_logits, topk_ids, routing_method_type, routed_scaling_factor=None):
-    """The weight formula of SPEC section 2 as a differentiable function of the logits with the
-    selection `topk_ids` [T, k] held fixed -> float32 [T, k] (before the bf16 rounding)."""
-    method = R(routing_method_type)
-    l = routing_logits.astype(jnp.float32)
-    rsf = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
-
-    def take(v):
-        return jnp.take_along_axis(v, topk_ids, axis=-1)
-
-    def sigmoid(x):
-        return 1.0 / (1.0 + jnp.exp(-x))
-
-    if method == R.Default:
-        return take(jax.nn.softmax(l, axis=-1))
-    if method == R.Renormalize:
-        return jax.nn.softmax(take(l), axis=-1)
-    if method in (R.DeepSeekV3, R.MiniMax2):
-        s = sigmoid(take(l))
-        return s / (jnp.sum(s, axis=-1, keepdims=True) + 1e-20) * rsf
-    if method in (R.Llama4, R.Sigmoid, R.TopKSigmoid):
-        return sigmoid(take(l))
-    if method == R.RenormalizeNaive:
-        s = take(jax.nn.softmax(l, axis=-1))
-        return s / jnp.sum(s, axis=-1, keepdims=True)
-    if method == R.TopK:
-        return take(l)
-    if method == R.SigmoidRenorm:
-        s = sigmoid(take(l))
-        return s / jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-20)
-    raise NotImplementedError(f"routing_method_type {method!r}")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- vmap by folding

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import _checks, api, grad
+from . import _checks, api, routing
 from .api import MoEOutputs
 from .enums import ActivationType, RoutingMethodType
 from .routing import unpack_topk
@@ -431,7 +431,7 @@ def ep_moe(routing_logits, routing_bias, hidden_states, hidden_states_scale, gem
     ids = jax.lax.stop_gradient(ids)
     rsf = None if routed_scaling_factor is None else float(routed_scaling_factor)
     weights = _straight_through(
-        grad.routing_weights(routing_logits, ids, method, rsf),
+        routing.routing_weights(routing_logits, ids, method, rsf),
         jax.lax.stop_gradient(weights).astype(jnp.float32)).astype(jnp.bfloat16)
     return _all_to_all_moe(ids, weights, hidden_states, hidden_states_scale, gemm1_weights,
                            gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,

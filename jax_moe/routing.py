@@ -36,52 +36,60 @@ def _grouped_select(b, k, n_group, topk_group):
     return ids
 
 
+def select(logits, bias, top_k, method, n_group=None, topk_group=None):
+    """The selection of SPEC section 2: float32 logits [T, E] (+ bias [E]) -> ids int32 [T, k]."""
+    if method == R.Default or method == R.RenormalizeNaive:
+        scores = _softmax(logits)
+    elif method in (R.DeepSeekV3, R.MiniMax2):
+        scores = _sigmoid(logits) + bias
+        if method == R.DeepSeekV3 and n_group is not None and n_group > 1:
+            return _grouped_select(scores, top_k, n_group, topk_group)
+    elif method in (R.SigmoidRenorm, R.Sigmoid):
+        scores = _sigmoid(logits)
+    else:  # Renormalize, Llama4, TopK, TopKSigmoid select on the raw logits
+        scores = logits
+    return _topk(scores, top_k)[1]
+
+
+def routing_weights(routing_logits, topk_ids, routing_method_type, routed_scaling_factor=None):
+    """The weight formula of SPEC section 2 as a (differentiable) function of the logits with the
+    selection `topk_ids` [T, k] held fixed -> float32 [T, k], before the bf16 rounding."""
+    method = R(routing_method_type)
+    logits = jnp.asarray(routing_logits).astype(jnp.float32)
+    rsf = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
+
+    def take(v):
+        return jnp.take_along_axis(v, topk_ids, axis=-1)
+
+    if method == R.Default:
+        return take(_softmax(logits))
+    if method == R.Renormalize:
+        return _softmax(take(logits))
+    if method in (R.DeepSeekV3, R.MiniMax2):
+        s = _sigmoid(take(logits))
+        return s / (jnp.sum(s, axis=-1, keepdims=True) + 1e-20) * rsf
+    if method in (R.Llama4, R.Sigmoid, R.TopKSigmoid):
+        return _sigmoid(take(logits))
+    if method == R.RenormalizeNaive:
+        p = take(_softmax(logits))
+        return p / jnp.sum(p, axis=-1, keepdims=True)
+    if method == R.TopK:
+        return take(logits)
+    if method == R.SigmoidRenorm:
+        s = _sigmoid(take(logits))
+        return s / jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-20)
+    raise NotImplementedError(f"routing_method_type {method!r}")  # pragma: no cover
+
+
 def route_xla(routing_logits, routing_bias, *, top_k, routing_method_type, n_group=None,
               topk_group=None, routed_scaling_factor=None):
     """logits [T, E] (+ bias [E]) -> (topk_ids int32 [T, k], topk_weights bfloat16 [T, k])."""
     method = R(routing_method_type)
     logits = jnp.asarray(routing_logits).astype(jnp.float32)
-    k = top_k
-    rsf = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
     bias = (jnp.zeros(logits.shape[-1], jnp.float32) if routing_bias is None
             else jnp.asarray(routing_bias).astype(jnp.float32))
-
-    def take(v, ids):
-        return jnp.take_along_axis(v, ids, axis=-1)
-
-    if method == R.Default:
-        p = _softmax(logits)
-        w, ids = _topk(p, k)
-    elif method == R.Renormalize:
-        sel, ids = _topk(logits, k)
-        w = _softmax(sel)
-    elif method in (R.DeepSeekV3, R.MiniMax2):
-        s = _sigmoid(logits)
-        b = s + bias
-        if method == R.DeepSeekV3 and n_group is not None and n_group > 1:
-            ids = _grouped_select(b, k, n_group, topk_group)
-        else:
-            _, ids = _topk(b, k)
-        sel = take(s, ids)
-        w = sel / (jnp.sum(sel, axis=-1, keepdims=True) + 1e-20) * rsf
-    elif method == R.Llama4:
-        sel, ids = _topk(logits, 1)
-        w = _sigmoid(sel)
-    elif method == R.RenormalizeNaive:
-        sel, ids = _topk(_softmax(logits), k)
-        w = sel / jnp.sum(sel, axis=-1, keepdims=True)
-    elif method == R.TopK:
-        w, ids = _topk(logits, k)
-    elif method == R.SigmoidRenorm:
-        sel, ids = _topk(_sigmoid(logits), k)
-        w = sel / jnp.maximum(jnp.sum(sel, axis=-1, keepdims=True), 1e-20)
-    elif method == R.Sigmoid:
-        w, ids = _topk(_sigmoid(logits), k)
-    elif method == R.TopKSigmoid:
-        sel, ids = _topk(logits, k)
-        w = _sigmoid(sel)
-    else:  # pragma: no cover - _checks rejects unknown methods first
-        raise NotImplementedError(f"routing_method_type {method!r}")
+    ids = select(logits, bias, 1 if method == R.Llama4 else top_k, method, n_group, topk_group)
+    w = routing_weights(logits, ids, method, routed_scaling_factor)
     return ids.astype(jnp.int32), w.astype(jnp.bfloat16)
 
 
