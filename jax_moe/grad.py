@@ -127,32 +127,19 @@ def _requant_ste(a):
     return _ste(a, quant.dequantize_rows(*quant.quantize_rows(a)))
 
 
-def _varying_axes(x):
-    """Mesh axes a value varies over inside shard_map (empty elsewhere)."""
-    axes = getattr(x, "vma", None)
-    if axes is None:
-        axes = getattr(getattr(x, "manual_axis_type", None), "varying", None)
-    return tuple(sorted(axes or ()))
-
-
 def _match_vma(ct, primal):
     """Types a cotangent like its primal inside shard_map(check_vma=True): a cotangent that
     varies over mesh axes its (replicated) primal does not is summed over them (the transpose
     of the implicit broadcast), and one that varies less is marked varying. No-op elsewhere."""
     if ct is None or primal is None:
         return ct
-    have, want = set(_varying_axes(jax.typeof(ct))), set(_varying_axes(jax.typeof(primal)))
+    have = set(reference.varying_axes(jax.typeof(ct)))
+    want = set(reference.varying_axes(jax.typeof(primal)))
     if have - want:
         ct = jax.lax.psum(ct, tuple(sorted(have - want)))
     if want - have:
         ct = jax.lax.pcast(ct, tuple(sorted(want - have)), to="varying")
     return ct
-
-
-def _zeros_like_struct(s):
-    z = jnp.zeros(s.shape, s.dtype)
-    axes = _varying_axes(s)
-    return jax.lax.pcast(z, axes, to="varying") if axes else z
 
 
 def _block_sum(x, bn, bk):
@@ -237,7 +224,7 @@ def _backward_body(cfg, chunks, ids, weights, hidden, hidden_scale, w1, s1, w2, 
         shapes = jax.eval_shape(compute, None)
 
         def skip(_):  # zeros typed like compute's results (varying axes under shard_map too)
-            return jax.tree_util.tree_map(_zeros_like_struct, shapes)
+            return jax.tree_util.tree_map(reference.zeros_like_struct, shapes)
 
         return jax.lax.cond(v < groups, compute, skip, None)
 

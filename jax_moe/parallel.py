@@ -14,9 +14,9 @@ The expert stages run per shard, so with `backend="cuda"`/`"auto"` each device c
 custom calls on its own rows; nothing is all-gathered around them. Everything is differentiable
 like the single-device entries (SPEC section 5): the collectives transpose, and in the all_to_all
 mode the logits' gradient is that of the routing-weight formula with the selection held fixed.
-The wrappers build their `shard_map` with `check_vma=False`; do the same in your own
-`shard_map` for now (this module is `check_vma`-clean, but the pure-JAX grouped GEMM's
-`lax.cond` is not yet).
+The wrappers build their `shard_map` with `check_vma=False`, which the CUDA custom calls need
+(they carry no varying-axes typing); with backend="xla" your own `shard_map` may also use
+`check_vma=True` (this module and the pure-JAX stages are `check_vma`-clean).
 
 Combine modes (`mode=`):
 

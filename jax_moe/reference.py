@@ -79,6 +79,22 @@ def permute(hidden_states, hidden_states_scale, p: Plan, top_k):
     return rows, scales
 
 
+def varying_axes(x):
+    """Mesh axes a value (or its abstract type) varies over inside shard_map; empty elsewhere."""
+    axes = getattr(x, "vma", None)
+    if axes is None:
+        axes = getattr(getattr(x, "manual_axis_type", None), "varying", None)
+    return tuple(sorted(axes or ()))
+
+
+def zeros_like_struct(s):
+    """Zeros of a ShapeDtypeStruct, typed as varying over the same mesh axes (so both branches of
+    a lax.cond agree inside shard_map(check_vma=True))."""
+    z = jnp.zeros(s.shape, s.dtype)
+    axes = varying_axes(s)
+    return jax.lax.pcast(z, axes, to="varying") if axes else z
+
+
 def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jnp.bfloat16):
     """Blockwise-FP8 grouped GEMM: out[r] = dequant(rows[r]) @ dequant(W[expert(r)]).T.
 
@@ -99,7 +115,8 @@ def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jn
             return jnp.dot(a, w.T, precision=jax.lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32).astype(out_dtype)
 
-        return jax.lax.cond(e < g, compute, lambda _: jnp.zeros((tm, n), out_dtype), None)
+        skipped = zeros_like_struct(jax.eval_shape(compute, None))
+        return jax.lax.cond(e < g, compute, lambda _: skipped, None)
 
     out = jax.lax.map(tile, (rows.reshape(num_tiles, tm, k),
                              row_scales.reshape(num_tiles, tm, k // quant.BLOCK), p.tile_expert))

@@ -146,13 +146,7 @@ def test_routed_entry(inputs):
     assert rel(out, ref) <= REL
 
 
-@pytest.mark.parametrize("check_vma", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        reason="the pure-JAX grouped GEMM's lax.cond skip branch is not marked varying over the "
-               "manual axes (jax_moe/reference.py); jax_moe.parallel itself is vma-clean",
-        strict=False)),
-])
+@pytest.mark.parametrize("check_vma", [False, True])
 def test_inside_user_shard_map(inputs, check_vma):
     """ep_moe inside a user's own jit(shard_map): tokens arrive sharded over the axis, the user
     all-gathers them and asks for the psum_scatter mode (output sharded like the input)."""
