@@ -10,6 +10,7 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -410,3 +411,34 @@ def test_tolerance_catches_mistakes():
     mistakes["grouping ignored"] = rel_exact(ids_ug, w_ug)
     caught = {m: r for m, r in mistakes.items() if r > TOL_EXACT}
     assert caught == mistakes, f"not caught at {TOL_EXACT}: {set(mistakes) - set(caught)}; {mistakes}"
+
+
+def _largest_intermediates(jaxpr):
+    """(elements, primitive, shape) of every value computed in a jaxpr, sub-jaxprs included."""
+    found = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            for v in eqn.outvars:
+                found.append((int(np.prod(getattr(v.aval, "shape", ()))), str(eqn.primitive),
+                              getattr(v.aval, "shape", ())))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return sorted(found, reverse=True)
+
+
+def test_pure_jax_path_builds_nothing_dense():
+    """The pure-JAX path groups rows by expert: no intermediate reaches T*E_loc*H elements
+    (no [T, E_loc, H] buffer, no dequantization of all experts at once: that alone would be
+    E_loc*2I*H), and there is no ragged_dot (which XLA expands to dense math)."""
+    t, h, i, e, k = 16, 256, 128, 64, 2
+    c = make_case(31, t=t, h=h, i=i, e=e)
+    f = functools.partial(jax_moe.fp8_block_scale_moe, top_k=k, backend="xla",
+                          routing_method_type=R.Renormalize)
+    found = _largest_intermediates(jax.make_jaxpr(f)(c.logits, c.bias, *expert_args(c)))
+    limit = t * e * h
+    assert found[0][0] < limit, f"{found[0]} has >= T*E_loc*H = {limit} elements"
+    assert e * 2 * i * h > limit  # a dense dequantization would have been caught
+    assert not any("ragged_dot" in prim for _, prim, _ in found)
