@@ -35,7 +35,7 @@ __device__ __forceinline__ uint4 Pack8(const float* f) {
 // One thread per (token, 8-column vector).
 __global__ void __launch_bounds__(kThreads)
     FinalizeReduceKernel(const uint4* __restrict__ y, const int32_t* __restrict__ slot_to_row,
-                         const __nv_bfloat16* __restrict__ w, int64_t num_tokens, int top_k,
+                         const float* __restrict__ w, int64_t num_tokens, int top_k,
                          int64_t num_rows, int64_t vecs_per_row, uint4* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= num_tokens * vecs_per_row) return;
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < top_k; ++j) {
     const int32_t row = slot_to_row[t * top_k + j];
     if (row < 0 || row >= num_rows) continue;
-    const float wt = __bfloat162float(w[t * top_k + j]);
+    const float wt = w[t * top_k + j];
     float x[8];
     Unpack8(y[row * vecs_per_row + v], x);
 #pragma unroll
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
-                        ffi::Buffer<ffi::S32> slot_to_row, ffi::Buffer<ffi::BF16> weights,
+                        ffi::Buffer<ffi::S32> slot_to_row, ffi::Buffer<ffi::F32> weights,
                         ffi::Result<ffi::Buffer<ffi::BF16>> out, bool do_finalize) {
   if (y.dimensions().size() != 2) {
     return InvalidArgument("jax_moe_finalize: gemm2 output: expected rank 2 [M, H], got rank " +
@@ -106,7 +106,7 @@ ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
   auto* op = reinterpret_cast<uint4*>(out->typed_data());
   if (do_finalize) {
     FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        yp, slot_to_row.typed_data(), reinterpret_cast<const __nv_bfloat16*>(weights.typed_data()),
+        yp, slot_to_row.typed_data(), weights.typed_data(),
         t, static_cast<int>(k), m, vecs, op);
   } else {
     FinalizeGatherKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
@@ -123,7 +123,7 @@ XLA_FFI_DEFINE_HANDLER(FinalizeHandler, FinalizeImpl,
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
                            .Arg<ffi::Buffer<ffi::BF16>>()   // gemm2 output [M, H]
                            .Arg<ffi::Buffer<ffi::S32>>()    // slot_to_row [T*k]
-                           .Arg<ffi::Buffer<ffi::BF16>>()   // topk_weights [T, k]
+                           .Arg<ffi::Buffer<ffi::F32>>()    // topk_weights [T, k], float32 (bf16 routing weights widened)
                            .Ret<ffi::Buffer<ffi::BF16>>()   // [T, H] or [T, k, H]
                            .Attr<bool>("do_finalize"),
                        {ffi::Traits::kCmdBufferCompatible});

@@ -136,14 +136,15 @@ def act_quant(g, p: Plan, activation_type):
 
 # --------------------------------------------------------------------------- finalize
 def finalize(y, p: Plan, topk_weights, do_finalize=True):
-    """`jax_moe_finalize`: GEMM2 rows bf16 [M, H], slot_to_row, weights bf16 [T, k] ->
+    """`jax_moe_finalize`: GEMM2 rows bf16 [M, H], slot_to_row, weights [T, k] (any float dtype,
+    used as given: passed widened to float32) ->
     out bf16 [T, H] (float32 weighted sum in slot order) or, with do_finalize=False, the
     unweighted per-slot outputs bf16 [T, k, H] (zeros where not local)."""
     t, k = topk_weights.shape
     h = y.shape[1]
     shape = (t, h) if do_finalize else (t, k, h)
     return _ffi_call("jax_moe_finalize", jax.ShapeDtypeStruct(shape, jnp.bfloat16))(
-        y, p.slot_to_row, topk_weights.astype(jnp.bfloat16), do_finalize=bool(do_finalize))
+        y, p.slot_to_row, topk_weights.astype(jnp.float32), do_finalize=bool(do_finalize))
 
 
 # --------------------------------------------------------------------------- layout helpers
