@@ -9,29 +9,20 @@ device sends are counted from the routing.
 import argparse
 import json
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_moe
-from jax_moe.testing import random_moe_inputs
+from jax_moe.testing import median_time, random_moe_inputs
 
 H, I, E, K = 7168, 2048, 256, 8
 KW = dict(top_k=K, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 
 
 def median_ms(fn, args, reps):
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+    return 1e3 * median_time(fn, [args], reps)[0]
 
 
 def rel(a, b):

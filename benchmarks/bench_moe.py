@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_moe
-from jax_moe import api, ops, reference
-from jax_moe.testing import random_moe_inputs
+from jax_moe import api, ops
+from jax_moe.testing import median_time, random_moe_inputs
 
 H, I, E, K, N_GROUP, TOPK_GROUP, RSF = 7168, 2048, 256, 8, 8, 4, 2.5
 WORKLOADS = {  # name: (T, local experts)
@@ -29,18 +29,6 @@ WORKLOADS = {  # name: (T, local experts)
 GEMM1_DTYPE = jnp.float32  # what api's stage driver uses for GEMM1's output
 ROUTE_KW = dict(top_k=K, n_group=N_GROUP, topk_group=TOPK_GROUP, routed_scaling_factor=RSF,
                 routing_method_type=jax_moe.RoutingMethodType.DeepSeekV3)
-
-
-def median_time(fn, arg_sets, reps, warmup=3):
-    for i in range(warmup):
-        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
-    times = []
-    for i in range(reps):
-        args = arg_sets[i % len(arg_sets)]
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
 
 
 def ceilings(reps):

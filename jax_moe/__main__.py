@@ -18,7 +18,7 @@ import numpy as np
 from . import api, quant, routing
 from ._native import cuda_status
 from .enums import RoutingMethodType
-from .testing import random_moe_inputs
+from .testing import median_time, random_moe_inputs
 
 DEEPSEEK_V3 = dict(hidden=7168, intermediate=2048, experts=256, top_k=8, n_group=8, topk_group=4,
                    rsf=2.5)
@@ -46,16 +46,6 @@ def _oracle(inputs, ids, weights, token_sample, inter):
             up, gate = g[:inter], g[inter:]
             out[n] += w[t, j] * (w2 @ (gate / (1 + np.exp(-gate)) * up))
     return out
-
-
-def _time(fn, args, reps):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main(argv=None):
@@ -102,7 +92,7 @@ def main(argv=None):
               routed_scaling_factor=DEEPSEEK_V3["rsf"], routing_method_type=RoutingMethodType.DeepSeekV3)
     run = jax.jit(lambda *a: api.fp8_block_scale_moe(*a, **kw, backend="auto"))
     out = run(*inputs)
-    sec = _time(run, inputs, args.reps)
+    sec = median_time(run, [inputs], args.reps, warmup=1)[0]
 
     if on_gpu:
         ref = jax.jit(lambda *a: api.fp8_block_scale_moe(*a, **kw, backend="xla"))(*inputs)

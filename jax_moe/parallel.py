@@ -288,7 +288,6 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
                                 recv_sizes, *, axis_name):
     """`lax.ragged_all_to_all` semantics from a dense worst-case `all_to_all` (for CPU tests)."""
     del recv_sizes
-    size = input_offsets.shape[0]
     cap = operand.shape[0]
     r = jnp.arange(cap, dtype=jnp.int32)
     src = input_offsets[:, None] + r[None, :]  # [size, cap]

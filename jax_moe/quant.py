@@ -1,5 +1,4 @@
 """FP8 (e4m3fn) block quantization helpers, 128-wide blocks, float32 scales."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -4,6 +4,7 @@ Hidden states and weights are drawn N(0, 1)/sqrt(fan_in) and quantized to FP8 wi
 like trained weights; never zeros or ones. Weights are generated one expert at a time on the
 device, so the DeepSeek-V3 shape (11 GB of FP8 expert weights) never needs a float32 copy.
 """
+import time
 from typing import NamedTuple
 
 import jax
@@ -47,3 +48,17 @@ def random_moe_inputs(key, *, num_tokens, hidden_size, intermediate_size, num_ex
     w1, w1s = _expert_weights(k_w1, e_loc, rows1, hidden_size)
     w2, w2s = _expert_weights(k_w2, e_loc, hidden_size, intermediate_size)
     return MoEInputs(logits, bias, xq, xs, w1, w1s, w2, w2s)
+
+
+def median_time(fn, arg_sets, reps, warmup=3):
+    """Seconds per call of `fn`, each call synchronized: (median, 10th, 90th percentile) over
+    `reps` calls after `warmup` calls, rotating through `arg_sets` (a list of argument tuples)."""
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    times = []
+    for i in range(reps):
+        args = arg_sets[i % len(arg_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
