@@ -122,7 +122,7 @@ using SmallConfig = GroupedGemmConfig<ElementD, Shape<_64, _128, _128>, Shape<_1
                                       cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
 
 // Use the small-tile config when the average group has at most this many rows.
-constexpr int64_t kSmallConfigMaxRowsPerGroup = 64;
+constexpr int64_t kSmallConfigMaxRowsPerGroup = 32;
 
 // --------------------------------------------------------------------------------------------
 // Per-group argument arrays in the workspace (offsets computed on the host from G only).

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# ncu of every kernel in one call of the op: duration, DRAM bytes, throughputs, tensor-pipe use.
+#   bash tools/ncu_probe.sh "1 128 8192" [local_experts]
+set -uo pipefail
+out=${OUT:-/tmp}
+M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__registers_per_thread
+for t in $1; do
+  f=$out/ncu_t${t}_e${2:-256}.csv
+  ncu --profile-from-start off --clock-control none --metrics $M --csv --page raw \
+    python tools/probe_moe.py --tokens $t --local-experts ${2:-256} --profile > $f 2> $out/ncu_err_$t.log
+  echo "== T=$t E_loc=${2:-256}"
+  python - $f <<'PY'
+import csv, sys
+lines = [l for l in open(sys.argv[1]) if l.startswith('"')]
+rows = list(csv.DictReader(lines))[1:]  # first data row holds units
+tot = 0
+for r in rows:
+    name = r["Kernel Name"]
+    short = "gemm" if "GemmUniversal" in name else name.split("(")[0].split("<")[0].split("::")[-1]
+    us = float(r["gpu__time_duration.sum"]) / 1e3
+    tot += us
+    rd = float(r["dram__bytes_read.sum"]) / 1e6; wr = float(r["dram__bytes_write.sum"]) / 1e6
+    g = lambda k: r.get(k, "-")
+    print(f"{short[:28]:<28} {us:9.1f}us rd {rd:9.1f}MB wr {wr:8.1f}MB {rd/us*1e-3 if us else 0:5.2f}TB/s+ "
+          f"sm {g('sm__throughput.avg.pct_of_peak_sustained_elapsed')[:5]}% mem {g('gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed')[:5]}% "
+          f"gmma {g('sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed')[:5]}% grid {g('launch__grid_size')} regs {g('launch__registers_per_thread')}")
+print(f"sum of kernel time {tot:.1f} us")
+PY
+  tail -3 $out/ncu_err_$t.log
+done
