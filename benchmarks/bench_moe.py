@@ -80,9 +80,8 @@ def stage_times(inp, e_loc, reps, tokens):
     route = jax.jit(lambda l, b: api._route(l, b, K, jax_moe.RoutingMethodType.DeepSeekV3, N_GROUP,
                                             TOPK_GROUP, RSF, True, False))
     ids, w = route(logits, bias)
-    local = jax.jit(lambda ids: api._local_ids(ids, E, 0))(ids)
-    plan_fn = jax.jit(lambda l: ops.plan(l, e_loc))
-    p = plan_fn(local)
+    plan_fn = jax.jit(lambda ids: ops.plan(ids, e_loc, expert_offset=0, num_experts=E))
+    p = plan_fn(ids)
     perm = jax.jit(lambda x, s, p: ops.permute(x, s, p, K))
     rows, rs = perm(xq, xs, p)
     gemm1 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p, out_dtype=GEMM1_DTYPE))
@@ -93,7 +92,7 @@ def stage_times(inp, e_loc, reps, tokens):
     y = gemm2(q, qs, w2, w2s, p)
     fin = jax.jit(lambda y, p, w: ops.finalize(y, p, w))
     res = {}
-    for name, fn, args in (("route", route, (logits, bias)), ("plan", plan_fn, (local,)),
+    for name, fn, args in (("route", route, (logits, bias)), ("plan", plan_fn, (ids,)),
                            ("permute", perm, (xq, xs, p)), ("gemm1", gemm1, (rows, rs, w1, w1s, p)),
                            ("act_quant", aq, (g, p)), ("gemm2", gemm2, (q, qs, w2, w2s, p)),
                            ("finalize", fin, (y, p, w))):

@@ -32,10 +32,14 @@ __device__ __forceinline__ uint4 Pack8(const float* f) {
   return v;
 }
 
-// One thread per (token, 8-column vector).
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// One thread per (token, 8-column vector). W: float or __nv_bfloat16 (widened exactly).
+template <class W>
 __global__ void __launch_bounds__(kThreads)
     FinalizeReduceKernel(const uint4* __restrict__ y, const int32_t* __restrict__ slot_to_row,
-                         const float* __restrict__ w, int64_t num_tokens, int top_k,
+                         const W* __restrict__ w, int64_t num_tokens, int top_k,
                          int64_t num_rows, int64_t vecs_per_row, uint4* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= num_tokens * vecs_per_row) return;
@@ -47,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < top_k; ++j) {
     const int32_t row = slot_to_row[t * top_k + j];
     if (row < 0 || row >= num_rows) continue;
-    const float wt = w[t * top_k + j];
+    const float wt = ToFloat(w[t * top_k + j]);
     float x[8];
     Unpack8(y[row * vecs_per_row + v], x);
 #pragma unroll
@@ -72,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
-                        ffi::Buffer<ffi::S32> slot_to_row, ffi::Buffer<ffi::F32> weights,
+                        ffi::Buffer<ffi::S32> slot_to_row, ffi::AnyBuffer weights,
                         ffi::Result<ffi::Buffer<ffi::BF16>> out, bool do_finalize) {
   if (y.dimensions().size() != 2) {
     return InvalidArgument("jax_moe_finalize: gemm2 output: expected rank 2 [M, H], got rank " +
@@ -81,6 +85,10 @@ ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
   if (weights.dimensions().size() != 2) {
     return InvalidArgument("jax_moe_finalize: topk_weights: expected rank 2 [T, k], got rank " +
                            std::to_string(weights.dimensions().size()));
+  }
+  const bool f32_weights = weights.element_type() == ffi::DataType::F32;
+  if (!f32_weights && weights.element_type() != ffi::DataType::BF16) {
+    return InvalidArgument("jax_moe_finalize: topk_weights: dtype must be float32 or bfloat16");
   }
   const int64_t m = y.dimensions()[0];
   const int64_t h = y.dimensions()[1];
@@ -105,9 +113,15 @@ ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
   auto* yp = reinterpret_cast<const uint4*>(y.typed_data());
   auto* op = reinterpret_cast<uint4*>(out->typed_data());
   if (do_finalize) {
-    FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        yp, slot_to_row.typed_data(), weights.typed_data(),
-        t, static_cast<int>(k), m, vecs, op);
+    if (f32_weights) {
+      FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          yp, slot_to_row.typed_data(), static_cast<const float*>(weights.untyped_data()), t,
+          static_cast<int>(k), m, vecs, op);
+    } else {
+      FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          yp, slot_to_row.typed_data(), static_cast<const __nv_bfloat16*>(weights.untyped_data()),
+          t, static_cast<int>(k), m, vecs, op);
+    }
   } else {
     FinalizeGatherKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         yp, slot_to_row.typed_data(), t * k, m, vecs, op);
@@ -123,7 +137,7 @@ XLA_FFI_DEFINE_HANDLER(FinalizeHandler, FinalizeImpl,
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
                            .Arg<ffi::Buffer<ffi::BF16>>()   // gemm2 output [M, H]
                            .Arg<ffi::Buffer<ffi::S32>>()    // slot_to_row [T*k]
-                           .Arg<ffi::Buffer<ffi::F32>>()    // topk_weights [T, k], float32 (bf16 routing weights widened)
+                           .Arg<ffi::AnyBuffer>()           // topk_weights [T, k], float32 or bfloat16
                            .Ret<ffi::Buffer<ffi::BF16>>()   // [T, H] or [T, k, H]
                            .Attr<bool>("do_finalize"),
                        {ffi::Traits::kCmdBufferCompatible});

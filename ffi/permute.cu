@@ -1,6 +1,9 @@
 // jax_moe_plan and jax_moe_permute: grouping routed (token, slot) pairs by local expert.
 //
-// plan, three kernels, no host sync, deterministic and stable:
+// plan: slot s belongs to bucket id[s] - expert_offset when that is in [0, E) (and, with
+// num_experts > 0, id[s] itself is in [0, num_experts)), else to bucket E (not local).
+// Up to 1024 slots (one chunk: decode) one kernel does all of it (PlanSmallKernel); above,
+// three kernels, no host sync, deterministic and stable:
 //   1. count:  the slots are cut into C contiguous chunks (C = scratch rows, chosen by the Python
 //              wrapper); block c writes the per-bucket histogram of chunk c into scratch[c, :].
 //              Bucket b in [0, E) is a local expert, bucket E collects every non-local slot.
@@ -28,8 +31,16 @@ constexpr int kPlanThreads = 256;
 constexpr int kPlanWarps = kPlanThreads / 32;
 constexpr int kScanThreads = 1024;
 
-__device__ __forceinline__ int Bucket(int32_t id, int num_experts) {
-  return (id >= 0 && id < num_experts) ? id : num_experts;
+// Which ids are local: id - offset in [0, E), and id in [0, num_global) when num_global > 0.
+struct LocalRange {
+  int32_t offset;
+  int32_t num_global;
+};
+
+__device__ __forceinline__ int Bucket(int32_t id, int num_experts, LocalRange lr) {
+  if (lr.num_global > 0 && (id < 0 || id >= lr.num_global)) return num_experts;
+  const int64_t local = static_cast<int64_t>(id) - lr.offset;
+  return (local >= 0 && local < num_experts) ? static_cast<int>(local) : num_experts;
 }
 
 __device__ __forceinline__ unsigned LaneMaskLt() {
@@ -41,7 +52,7 @@ __device__ __forceinline__ unsigned LaneMaskLt() {
 // Kernel 1: histogram of each chunk over E + 1 buckets.
 __global__ void __launch_bounds__(kPlanThreads)
     PlanCountKernel(const int32_t* __restrict__ ids, int64_t num_slots, int64_t chunk,
-                    int num_experts, int32_t* __restrict__ scratch) {
+                    int num_experts, LocalRange lr, int32_t* __restrict__ scratch) {
   extern __shared__ int hist[];  // [E + 1]
   const int nb = num_experts + 1;
   for (int b = threadIdx.x; b < nb; b += blockDim.x) hist[b] = 0;
@@ -52,7 +63,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   for (int64_t base = begin; base < end; base += blockDim.x) {  // uniform trip count
     const int64_t s = base + threadIdx.x;
     const bool valid = s < end;
-    const int b = valid ? Bucket(ids[s], num_experts) : -1;
+    const int b = valid ? Bucket(ids[s], num_experts, lr) : -1;
     const unsigned peers = __match_any_sync(kFull, b);
     if (valid && lane == __ffs(peers) - 1) atomicAdd(&hist[b], __popc(peers));
   }
@@ -94,30 +105,21 @@ __global__ void __launch_bounds__(kScanThreads)
   if (b < nb) offsets[b] = excl;  // offsets[E] = sum over local experts
 }
 
-// Kernel 3: stable rank of every slot within its bucket.
-__global__ void __launch_bounds__(kPlanThreads)
-    PlanAssignKernel(const int32_t* __restrict__ ids, int64_t num_slots, int64_t chunk,
-                     int num_experts, const int32_t* __restrict__ scratch,
-                     const int32_t* __restrict__ offsets, int32_t* __restrict__ slot_to_row,
-                     int32_t* __restrict__ row_to_slot) {
-  extern __shared__ int smem[];
+// The assign loop over slots [begin, end) of one block: `next` holds each bucket's first free
+// row, `table` is zeroed per-warp scratch [kPlanWarps][E + 1] (both in shared memory).
+__device__ __forceinline__ void AssignChunk(const int32_t* __restrict__ ids, int64_t num_slots,
+                                            int64_t begin, int64_t end, int num_experts,
+                                            LocalRange lr, int* next, int* table,
+                                            int32_t* __restrict__ slot_to_row,
+                                            int32_t* __restrict__ row_to_slot) {
   const int nb = num_experts + 1;
-  int* next = smem;            // [nb] next free row of each bucket in this chunk
-  int* table = smem + nb;      // [kPlanWarps][nb] per-warp counts of the current round
-  const int64_t c = blockIdx.x;
-  for (int b = threadIdx.x; b < nb; b += blockDim.x) next[b] = offsets[b] + scratch[c * nb + b];
-  for (int i = threadIdx.x; i < kPlanWarps * nb; i += blockDim.x) table[i] = 0;
-  __syncthreads();
-
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const unsigned lt = LaneMaskLt();
-  const int64_t begin = c * chunk;
-  const int64_t end = min(begin + chunk, num_slots);
   for (int64_t base = begin; base < end; base += blockDim.x) {  // uniform trip count
     const int64_t s = base + threadIdx.x;
     const bool valid = s < end;
-    const int b = valid ? Bucket(ids[s], num_experts) : -1;
+    const int b = valid ? Bucket(ids[s], num_experts, lr) : -1;
     const unsigned peers = __match_any_sync(kFull, b);
     const bool leader = valid && lane == __ffs(peers) - 1;
     const int cnt = __popc(peers);
@@ -137,6 +139,72 @@ __global__ void __launch_bounds__(kPlanThreads)
     }
     __syncwarp();
   }
+}
+
+// Kernel 3: stable rank of every slot within its bucket.
+__global__ void __launch_bounds__(kPlanThreads)
+    PlanAssignKernel(const int32_t* __restrict__ ids, int64_t num_slots, int64_t chunk,
+                     int num_experts, LocalRange lr, const int32_t* __restrict__ scratch,
+                     const int32_t* __restrict__ offsets, int32_t* __restrict__ slot_to_row,
+                     int32_t* __restrict__ row_to_slot) {
+  extern __shared__ int smem[];
+  const int nb = num_experts + 1;
+  int* next = smem;            // [nb] next free row of each bucket in this chunk
+  int* table = smem + nb;      // [kPlanWarps][nb] per-warp counts of the current round
+  const int64_t c = blockIdx.x;
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) next[b] = offsets[b] + scratch[c * nb + b];
+  for (int i = threadIdx.x; i < kPlanWarps * nb; i += blockDim.x) table[i] = 0;
+  __syncthreads();
+  const int64_t begin = c * chunk;
+  AssignChunk(ids, num_slots, begin, min(begin + chunk, num_slots), num_experts, lr, next, table,
+              slot_to_row, row_to_slot);
+}
+
+// Count, scan and assign in one launch of one block, for a single chunk (decode-sized plans).
+constexpr int kSmallScanItems = (kMaxLocalExperts + 1 + kPlanThreads - 1) / kPlanThreads;
+
+__global__ void __launch_bounds__(kPlanThreads)
+    PlanSmallKernel(const int32_t* __restrict__ ids, int64_t num_slots, int num_experts,
+                    LocalRange lr, int32_t* __restrict__ offsets, int32_t* __restrict__ slot_to_row,
+                    int32_t* __restrict__ row_to_slot) {
+  using Scan = cub::BlockScan<int, kPlanThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  extern __shared__ int smem[];
+  const int nb = num_experts + 1;
+  int* next = smem;        // [nb] bucket histogram, then each bucket's next free row
+  int* table = smem + nb;  // [kPlanWarps][nb]
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) next[b] = 0;
+  for (int i = threadIdx.x; i < kPlanWarps * nb; i += blockDim.x) table[i] = 0;
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  for (int64_t base = 0; base < num_slots; base += blockDim.x) {  // uniform trip count
+    const int64_t s = base + threadIdx.x;
+    const bool valid = s < num_slots;
+    const int b = valid ? Bucket(ids[s], num_experts, lr) : -1;
+    const unsigned peers = __match_any_sync(kFull, b);
+    if (valid && lane == __ffs(peers) - 1) atomicAdd(&next[b], __popc(peers));
+  }
+  __syncthreads();
+  // exclusive prefix over the local buckets; bucket E (not local) starts after all of them
+  int items[kSmallScanItems];
+#pragma unroll
+  for (int i = 0; i < kSmallScanItems; ++i) {
+    const int b = threadIdx.x * kSmallScanItems + i;
+    items[i] = b < num_experts ? next[b] : 0;
+  }
+  Scan(temp).ExclusiveSum(items, items);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kSmallScanItems; ++i) {
+    const int b = threadIdx.x * kSmallScanItems + i;
+    if (b < nb) {
+      next[b] = items[i];
+      offsets[b] = items[i];
+    }
+  }
+  __syncthreads();
+  AssignChunk(ids, num_slots, 0, num_slots, num_experts, lr, next, table, slot_to_row,
+              row_to_slot);
 }
 
 // permute: one warp per row, rows [0, offsets[E]) only.
@@ -187,7 +255,8 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
                     ffi::Result<ffi::Buffer<ffi::S32>> offsets,
                     ffi::Result<ffi::Buffer<ffi::S32>> slot_to_row,
                     ffi::Result<ffi::Buffer<ffi::S32>> row_to_slot,
-                    ffi::Result<ffi::Buffer<ffi::S32>> scratch, int32_t num_local_experts) {
+                    ffi::Result<ffi::Buffer<ffi::S32>> scratch, int32_t num_local_experts,
+                    int32_t expert_offset, int32_t num_experts) {
   if (local_ids.dimensions().size() != 2) {
     return InvalidArgument("jax_moe_plan: local_ids: expected rank 2 [T, k], got rank " +
                            std::to_string(local_ids.dimensions().size()));
@@ -200,6 +269,10 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
   }
   if (n > 0x7fffffffLL) {
     return InvalidArgument("jax_moe_plan: local_ids: T*k must be < 2^31, got " + std::to_string(n));
+  }
+  if (expert_offset < 0 || num_experts < 0) {
+    return InvalidArgument("jax_moe_plan: expert_offset and num_experts must be >= 0, got " +
+                           std::to_string(expert_offset) + " and " + std::to_string(num_experts));
   }
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*offsets, "expert_offsets (output)", {e + 1}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*slot_to_row, "slot_to_row (output)", {n}));
@@ -216,16 +289,24 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
   const int64_t chunk = (n + num_chunks - 1) / num_chunks;
   const int64_t used_chunks = (n + chunk - 1) / chunk;  // <= num_chunks
   const int nb = static_cast<int>(e + 1);
+  const LocalRange lr{expert_offset, num_experts};
+  if (used_chunks == 1) {  // scratch is left untouched
+    PlanSmallKernel<<<1, kPlanThreads, (kPlanWarps + 1) * nb * sizeof(int), stream>>>(
+        local_ids.typed_data(), n, static_cast<int>(e), lr, offsets->typed_data(),
+        slot_to_row->typed_data(), row_to_slot->typed_data());
+    JAX_MOE_CHECK_LAUNCH("jax_moe_plan small kernel launch");
+    return ffi::Error::Success();
+  }
   int32_t* scr = scratch->typed_data();  // rows past used_chunks are left untouched
   PlanCountKernel<<<static_cast<unsigned>(used_chunks), kPlanThreads, nb * sizeof(int), stream>>>(
-      local_ids.typed_data(), n, chunk, static_cast<int>(e), scr);
+      local_ids.typed_data(), n, chunk, static_cast<int>(e), lr, scr);
   JAX_MOE_CHECK_LAUNCH("jax_moe_plan count kernel launch");
   PlanScanKernel<<<1, kScanThreads, 0, stream>>>(scr, static_cast<int>(used_chunks),
                                                   static_cast<int>(e), offsets->typed_data());
   JAX_MOE_CHECK_LAUNCH("jax_moe_plan scan kernel launch");
   PlanAssignKernel<<<static_cast<unsigned>(used_chunks), kPlanThreads,
                      (kPlanWarps + 1) * nb * sizeof(int), stream>>>(
-      local_ids.typed_data(), n, chunk, static_cast<int>(e), scr, offsets->typed_data(),
+      local_ids.typed_data(), n, chunk, static_cast<int>(e), lr, scr, offsets->typed_data(),
       slot_to_row->typed_data(), row_to_slot->typed_data());
   JAX_MOE_CHECK_LAUNCH("jax_moe_plan assign kernel launch");
   return ffi::Error::Success();
@@ -290,7 +371,9 @@ XLA_FFI_DEFINE_HANDLER(PlanHandler, PlanImpl,
                            .Ret<ffi::Buffer<ffi::S32>>()   // slot_to_row [T*k]
                            .Ret<ffi::Buffer<ffi::S32>>()   // row_to_slot [T*k]
                            .Ret<ffi::Buffer<ffi::S32>>()   // scratch [chunks, E_loc + 1]
-                           .Attr<int32_t>("num_local_experts"),
+                           .Attr<int32_t>("num_local_experts")
+                           .Attr<int32_t>("expert_offset")   // local id = id - expert_offset
+                           .Attr<int32_t>("num_experts"),    // > 0: ids outside [0, E) not local
                        {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER(PermuteHandler, PermuteImpl,

@@ -81,12 +81,6 @@ def _route(logits, bias, top_k, method, n_group, topk_group, rsf, use_cuda, stri
     return reference.route(logits, bias, **kwargs)
 
 
-def _local_ids(topk_ids, num_experts, offset):
-    """Global expert ids -> ids relative to this device's first expert; -1 for ids outside [0, E)."""
-    valid = (topk_ids >= 0) & (topk_ids < num_experts)
-    return jnp.where(valid, topk_ids - jnp.asarray(offset, jnp.int32), -1)
-
-
 def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_scale, gemm1_weights,
                 gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, num_experts,
                 local_expert_offset, activation_type, do_finalize):
@@ -98,7 +92,7 @@ def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_sca
             return jnp.zeros((0, h), jnp.bfloat16)
         return MoEOutputs(jnp.zeros((0, k, h), jnp.bfloat16), topk_weights, topk_ids)
     e_loc = gemm1_weights.shape[0]
-    plan = stages.plan(_local_ids(topk_ids, num_experts, local_expert_offset), e_loc)
+    plan = stages.plan(topk_ids, e_loc, expert_offset=local_expert_offset, num_experts=num_experts)
     rows, row_scales = stages.permute(hidden_states, hidden_states_scale, plan, k)
     # GEMM1's output stays float32 (SPEC 3 step 2 allows, not requires, rounding it to bf16): a
     # bf16 rounding here turns the ~1e-4 accumulation-order differences between backends into

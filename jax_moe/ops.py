@@ -12,6 +12,7 @@ Layout contract shared by the CUDA stages (M = T*k rows, no padding):
     scale(row r of group g, k-block kb) = s[offsets[g]*K/128 + kb*M_g + (r - offsets[g])].
   * Weight scales are [G, N/128, K/128] float32 as given by the user.
 """
+import operator
 from typing import NamedTuple
 
 import jax
@@ -60,11 +61,21 @@ class Plan(NamedTuple):
     row_to_slot: jax.Array  # int32 [T*k], -1 past expert_offsets[E_loc]
 
 
-def plan(local_ids, num_local_experts):
-    """`jax_moe_plan`: local expert ids int32 [T, k] (global id minus local_expert_offset;
-    values outside [0, E_loc) are not local) -> Plan. Within an expert, rows keep slot order, so
-    the result is deterministic."""
-    num_slots = local_ids.size
+def plan(ids, num_local_experts, *, expert_offset=0, num_experts=None):
+    """`jax_moe_plan`: expert ids int32 [T, k] -> Plan. Slot (t, j) goes to local expert
+    ids[t, j] - expert_offset when that is in [0, E_loc) and, if `num_experts` is given,
+    ids[t, j] is in [0, num_experts); other slots are not local. Within an expert, rows keep
+    slot order, so the result is deterministic. `expert_offset` may be traced (then the local
+    ids are computed in XLA before the call)."""
+    num_slots = ids.size
+    ids = ids.astype(jnp.int32)
+    try:
+        offset = operator.index(expert_offset)
+    except TypeError:  # traced (e.g. axis_index * E_loc inside shard_map)
+        if num_experts is not None:
+            ids = jnp.where((ids >= 0) & (ids < num_experts), ids, -1)
+        ids = jnp.where(ids >= 0, ids - jnp.asarray(expert_offset, jnp.int32), -1)
+        offset, num_experts = 0, None
     offsets, slot_to_row, row_to_slot, _ = _ffi_call(
         "jax_moe_plan",
         (jax.ShapeDtypeStruct((num_local_experts + 1,), jnp.int32),
@@ -72,7 +83,8 @@ def plan(local_ids, num_local_experts):
          jax.ShapeDtypeStruct((num_slots,), jnp.int32),
          # scratch: per-chunk bucket counts (the kernel derives the chunk size from its rows)
          jax.ShapeDtypeStruct((_plan_chunks(num_slots), num_local_experts + 1), jnp.int32)),
-    )(local_ids.astype(jnp.int32), num_local_experts=_i32(num_local_experts))
+    )(ids, num_local_experts=_i32(num_local_experts), expert_offset=_i32(offset),
+      num_experts=_i32(num_experts or 0))
     return Plan(offsets, slot_to_row, row_to_slot)
 
 
@@ -136,15 +148,19 @@ def act_quant(g, p: Plan, activation_type):
 
 # --------------------------------------------------------------------------- finalize
 def finalize(y, p: Plan, topk_weights, do_finalize=True):
-    """`jax_moe_finalize`: GEMM2 rows bf16 [M, H], slot_to_row, weights [T, k] (any float dtype,
-    used as given: passed widened to float32) ->
+    """`jax_moe_finalize`: GEMM2 rows bf16 [M, H], slot_to_row, weights [T, k] (bfloat16 or
+    float32 go in as they are, widened exactly in the kernel; other float dtypes are cast to
+    float32 first) ->
     out bf16 [T, H] (float32 weighted sum in slot order) or, with do_finalize=False, the
     unweighted per-slot outputs bf16 [T, k, H] (zeros where not local)."""
     t, k = topk_weights.shape
     h = y.shape[1]
     shape = (t, h) if do_finalize else (t, k, h)
+    weights = topk_weights
+    if weights.dtype not in (jnp.bfloat16, jnp.float32):
+        weights = weights.astype(jnp.float32)
     return _ffi_call("jax_moe_finalize", jax.ShapeDtypeStruct(shape, jnp.bfloat16))(
-        y, p.slot_to_row, topk_weights.astype(jnp.float32), do_finalize=bool(do_finalize))
+        y, p.slot_to_row, weights, do_finalize=bool(do_finalize))
 
 
 # --------------------------------------------------------------------------- layout helpers

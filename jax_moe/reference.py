@@ -38,9 +38,14 @@ def _tile_m(num_slots, num_local_experts):
     return t
 
 
-def plan(local_ids, num_local_experts, tile_m=None):
-    """local_ids int32 [T, k] (expert id minus local_expert_offset; anything outside
-    [0, E_loc) is not local) -> Plan. Rows of one expert keep slot order (stable)."""
+def plan(ids, num_local_experts, tile_m=None, *, expert_offset=0, num_experts=None):
+    """Expert ids int32 [T, k] -> Plan. Slot (t, j) goes to local expert ids[t, j] -
+    expert_offset when that is in [0, E_loc) and, if `num_experts` is given, ids[t, j] is in
+    [0, num_experts); other slots are not local. Rows of one expert keep slot order (stable)."""
+    local_ids = ids.astype(jnp.int32)
+    if num_experts is not None:
+        local_ids = jnp.where((local_ids >= 0) & (local_ids < num_experts), local_ids, -1)
+    local_ids = jnp.where(local_ids >= 0, local_ids - jnp.asarray(expert_offset, jnp.int32), -1)
     num_slots = local_ids.size
     e_loc = num_local_experts
     tm = tile_m or _tile_m(num_slots, e_loc)

@@ -280,6 +280,27 @@ def test_plan_permute_shapes(t, k, e_loc, h):
     _check_permute(rows, scales, hidden, hs, offsets, np.asarray(p.row_to_slot), k)
 
 
+@pytest.mark.parametrize("t", [1, 16, 128, 1000, 4096])  # one-kernel (<= 1024 slots) and chunked
+@pytest.mark.parametrize("offset", [0, 40])
+def test_plan_global_ids_with_offset(t, offset):
+    """ids relative to all E experts, shifted in the kernel: same plan as local ids computed on
+    the host; ids outside [0, E) (negative, >= E) and outside the local slice are not local."""
+    rng = np.random.default_rng(t + offset)
+    e, e_loc, k = 96, 32, 8
+    ids = rng.integers(-3, e + 4, (t, k)).astype(np.int32)
+    ids[0, 0] = offset  # at least one local row
+    p = ops.plan(jnp.asarray(ids), e_loc, expert_offset=offset, num_experts=e)
+    valid = (ids >= 0) & (ids < e)
+    local = np.where(valid, ids - offset, -1)
+    _check_plan(p, local, e_loc)
+    # a traced offset takes the XLA route to the same plan
+    q = jax.jit(lambda i, o: ops.plan(i, e_loc, expert_offset=o, num_experts=e))(
+        jnp.asarray(ids), jnp.int32(offset))
+    _check_plan(q, local, e_loc)
+    r = reference.plan(jnp.asarray(ids), e_loc, expert_offset=offset, num_experts=e)
+    np.testing.assert_array_equal(np.asarray(r.slot_to_row) < 0, local.reshape(-1) < 0)
+
+
 def test_plan_skewed_large():
     """262144 slots, all on one expert, and then on a few experts of 512."""
     rng = np.random.default_rng(11)
@@ -352,10 +373,11 @@ def test_act_quant_rejects_float16_input():
 
 
 # --------------------------------------------------------------------------- finalize
+@pytest.mark.parametrize("w_dtype", [jnp.bfloat16, jnp.float32], ids=["w_bf16", "w_f32"])
 @pytest.mark.parametrize("do_finalize", [True, False], ids=["finalize", "unreduced"])
 @pytest.mark.parametrize("t,k,e_loc,h", [(257, 8, 32, 7168), (1, 1, 8, 128), (1000, 4, 8, 256),
                                          (0, 8, 8, 128)])
-def test_finalize(t, k, e_loc, h, do_finalize):
+def test_finalize(t, k, e_loc, h, do_finalize, w_dtype):
     rng = np.random.default_rng(t * 7 + k + h)
     ids = _plan_ids(rng, t, k, e_loc, "mixed")
     if t > 10:
@@ -363,8 +385,18 @@ def test_finalize(t, k, e_loc, h, do_finalize):
         ids[4] = e_loc
     p = ops.plan(jnp.asarray(ids), e_loc)
     y = jnp.asarray(rng.standard_normal((t * k, h)).astype(np.float32)).astype(jnp.bfloat16)
-    w = jnp.asarray(rng.uniform(-1, 1, (t, k)).astype(np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.uniform(-1, 1, (t, k)).astype(np.float32)).astype(w_dtype)
     out = np.asarray(ops.finalize(y, p, w, do_finalize))
+    if do_finalize and t:  # float64 oracle with the weights exactly as given
+        rows = np.asarray(p.slot_to_row).reshape(t, k)
+        y64 = np.asarray(y, np.float64)
+        w64 = np.asarray(w, np.float64)
+        exp = np.zeros((t, h))
+        for j in range(k):
+            ok = rows[:, j] >= 0
+            exp[ok] += w64[ok, j, None] * y64[rows[ok, j]]
+        got = out.astype(np.float64)
+        assert np.linalg.norm(got - exp) <= 8e-3 * np.linalg.norm(exp) + 1e-30
     ref = np.asarray(reference.finalize(y, p, w, do_finalize))
     assert out.dtype == BF16 and out.shape == ((t, h) if do_finalize else (t, k, h))
     if t == 0:
