@@ -53,7 +53,9 @@ All-to-all transports (`dispatch=`):
     `lax.ragged_all_to_all` with the exact per-destination row counts (exchanged first with a
     small `all_gather` of the [P, P] count matrix); only routed rows move. The receive buffer has
     P * T_loc * k rows (everything could come to one shard), so nothing can overflow. XLA:CPU
-    does not implement `ragged-all-to-all` (jax 0.10), so this raises on CPU.
+    does not implement `ragged-all-to-all` (jax 0.10), so this raises on CPU. On one host's GPUs
+    XLA's collective itself is slow (2x H200, jaxlib 0.11: 93 ms vs 4.7 ms for dense at
+    T=4096; openxla/xla#33386): prefer "dense" there.
 
 Bytes sent per device, dispatch + return (row = H fp8 + 4 id bytes + 4*H/128 scale bytes out,
 2*H bf16 back): dense rounds * (P-1) * C * (3H + H/32 + 4); ragged n_remote * (3H + H/32 + 4) with

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# ncu of every kernel in one call of the op: duration, DRAM bytes, throughputs, tensor-pipe use.
+# ncu of every kernel in one call of the op: duration, DRAM bytes, throughputs.
 #   bash tools/ncu_probe.sh "1 128 8192" [local_experts]
+# Slow: ~5 min per size on the H100 (the process is under ncu from the start, though only one
+# call of the op is profiled), so give it one or two sizes per device call.
 set -uo pipefail
 out=${OUT:-/tmp}
-M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__registers_per_thread
+M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__registers_per_thread
 for t in $1; do
   f=$out/ncu_t${t}_e${2:-256}.csv
   ncu --profile-from-start off --clock-control none --metrics $M --csv --page raw \
@@ -13,17 +15,19 @@ for t in $1; do
 import csv, sys
 lines = [l for l in open(sys.argv[1]) if l.startswith('"')]
 rows = list(csv.DictReader(lines))[1:]  # first data row holds units
+num = lambda x: float(x.replace(",", "")) if x else 0.0  # ncu writes 11,392
 tot = 0
 for r in rows:
-    name = r["Kernel Name"]
-    short = "gemm" if "GemmUniversal" in name else name.split("(")[0].split("<")[0].split("::")[-1]
-    us = float(r["gpu__time_duration.sum"]) / 1e3
+    name = r["Kernel Name"].replace("<unnamed>::", "").replace("(anonymous namespace)::", "")
+    short = "gemm" if "GemmUniversal" in name else name.split("(")[0].split("<")[0].split("::")[-1].split()[-1]
+    us = num(r["gpu__time_duration.sum"]) / 1e3
     tot += us
-    rd = float(r["dram__bytes_read.sum"]) / 1e6; wr = float(r["dram__bytes_write.sum"]) / 1e6
+    rd = num(r["dram__bytes_read.sum"]) / 1e6
+    wr = num(r["dram__bytes_write.sum"]) / 1e6
     g = lambda k: r.get(k, "-")
-    print(f"{short[:28]:<28} {us:9.1f}us rd {rd:9.1f}MB wr {wr:8.1f}MB {rd/us*1e-3 if us else 0:5.2f}TB/s+ "
+    print(f"{short[:28]:<28} {us:9.1f}us rd {rd:9.1f}MB wr {wr:8.1f}MB {rd / us if us else 0:5.2f}TB/s "
           f"sm {g('sm__throughput.avg.pct_of_peak_sustained_elapsed')[:5]}% mem {g('gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed')[:5]}% "
-          f"gmma {g('sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed')[:5]}% grid {g('launch__grid_size')} regs {g('launch__registers_per_thread')}")
+          f"grid {g('launch__grid_size')} regs {g('launch__registers_per_thread')}")
 print(f"sum of kernel time {tot:.1f} us")
 PY
   tail -3 $out/ncu_err_$t.log
