@@ -201,12 +201,8 @@ ffi::Error ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer g,
   if (!IsFp8E4M3(*q)) {
     return InvalidArgument("jax_moe_act_quant: output: expected dtype float8_e4m3fn");
   }
-  if (offsets.dimensions().size() != 1 || offsets.dimensions()[0] < 2 ||
-      offsets.dimensions()[0] > kMaxGroups + 1) {
-    return InvalidArgument("jax_moe_act_quant: expert_offsets: expected shape [E_loc + 1] with "
-                           "1 <= E_loc <= " + std::to_string(kMaxGroups));
-  }
-  const int num_groups = static_cast<int>(offsets.dimensions()[0] - 1);
+  int num_groups = 0;
+  JAX_MOE_RETURN_IF_ERROR(CheckOffsets(offsets, "jax_moe_act_quant", kMaxGroups, &num_groups));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*q, "act_quant output", {m, inter}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*scales, "act_quant scales (output)", {m * inter / 128}));
   if (m == 0 || inter == 0) return ffi::Error::Success();

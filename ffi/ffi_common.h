@@ -63,6 +63,18 @@ ffi::Error CheckShape(const Buf& b, const char* name, std::initializer_list<int6
 
 inline int64_t Dim(const ffi::AnyBuffer& b, int i) { return b.dimensions()[i]; }
 
+// expert_offsets int32 [G + 1] with 1 <= G <= max_groups; sets *num_groups = G.
+inline ffi::Error CheckOffsets(const ffi::Buffer<ffi::S32>& offsets, const char* op, int max_groups,
+                               int* num_groups) {
+  auto d = offsets.dimensions();
+  if (d.size() != 1 || d[0] < 2 || d[0] > max_groups + 1) {
+    return InvalidArgument(std::string(op) + ": expert_offsets: expected shape [E_loc + 1] with " +
+                           "1 <= E_loc <= " + std::to_string(max_groups));
+  }
+  *num_groups = static_cast<int>(d[0] - 1);
+  return ffi::Error::Success();
+}
+
 inline unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 

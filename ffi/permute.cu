@@ -49,6 +49,19 @@ __device__ __forceinline__ unsigned LaneMaskLt() {
   return m;
 }
 
+// Adds the bucket counts of slots [begin, end) to the shared-memory histogram `hist` [E + 1].
+__device__ __forceinline__ void CountChunk(const int32_t* __restrict__ ids, int64_t begin,
+                                           int64_t end, int num_experts, LocalRange lr, int* hist) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t base = begin; base < end; base += blockDim.x) {  // uniform trip count
+    const int64_t s = base + threadIdx.x;
+    const bool valid = s < end;
+    const int b = valid ? Bucket(ids[s], num_experts, lr) : -1;
+    const unsigned peers = __match_any_sync(kFull, b);
+    if (valid && lane == __ffs(peers) - 1) atomicAdd(&hist[b], __popc(peers));
+  }
+}
+
 // Kernel 1: histogram of each chunk over E + 1 buckets.
 __global__ void __launch_bounds__(kPlanThreads)
     PlanCountKernel(const int32_t* __restrict__ ids, int64_t num_slots, int64_t chunk,
@@ -58,15 +71,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   for (int b = threadIdx.x; b < nb; b += blockDim.x) hist[b] = 0;
   __syncthreads();
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
-  const int64_t end = min(begin + chunk, num_slots);
-  const int lane = threadIdx.x & 31;
-  for (int64_t base = begin; base < end; base += blockDim.x) {  // uniform trip count
-    const int64_t s = base + threadIdx.x;
-    const bool valid = s < end;
-    const int b = valid ? Bucket(ids[s], num_experts, lr) : -1;
-    const unsigned peers = __match_any_sync(kFull, b);
-    if (valid && lane == __ffs(peers) - 1) atomicAdd(&hist[b], __popc(peers));
-  }
+  CountChunk(ids, begin, min(begin + chunk, num_slots), num_experts, lr, hist);
   __syncthreads();
   int32_t* out = scratch + static_cast<int64_t>(blockIdx.x) * nb;
   for (int b = threadIdx.x; b < nb; b += blockDim.x) out[b] = hist[b];
@@ -176,14 +181,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   for (int b = threadIdx.x; b < nb; b += blockDim.x) next[b] = 0;
   for (int i = threadIdx.x; i < kPlanWarps * nb; i += blockDim.x) table[i] = 0;
   __syncthreads();
-  const int lane = threadIdx.x & 31;
-  for (int64_t base = 0; base < num_slots; base += blockDim.x) {  // uniform trip count
-    const int64_t s = base + threadIdx.x;
-    const bool valid = s < num_slots;
-    const int b = valid ? Bucket(ids[s], num_experts, lr) : -1;
-    const unsigned peers = __match_any_sync(kFull, b);
-    if (valid && lane == __ffs(peers) - 1) atomicAdd(&next[b], __popc(peers));
-  }
+  CountChunk(ids, 0, num_slots, num_experts, lr, next);
   __syncthreads();
   // exclusive prefix over the local buckets; bucket E (not local) starts after all of them
   int items[kSmallScanItems];
@@ -340,12 +338,8 @@ ffi::Error PermuteImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<f
   if (m > 0x7fffffffLL) return InvalidArgument("jax_moe_permute: T*k must be < 2^31");
   JAX_MOE_RETURN_IF_ERROR(CheckShape(hidden_scale, "hidden_states_scale", {h / 128, t}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(row_to_slot, "row_to_slot", {m}));
-  if (offsets.dimensions().size() != 1 || offsets.dimensions()[0] < 2 ||
-      offsets.dimensions()[0] > kMaxLocalExperts + 1) {
-    return InvalidArgument("jax_moe_permute: expert_offsets: expected shape [E_loc + 1] with 1 <= "
-                           "E_loc <= " + std::to_string(kMaxLocalExperts));
-  }
-  const int e = static_cast<int>(offsets.dimensions()[0] - 1);
+  int e = 0;
+  JAX_MOE_RETURN_IF_ERROR(CheckOffsets(offsets, "jax_moe_permute", kMaxLocalExperts, &e));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*rows, "rows (output)", {m, h}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_scales, "row_scales (output)", {m * h / 128}));
   if (m == 0 || h == 0) return ffi::Error::Success();
