@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _native, quant
+from . import _native, quant, reference
 from .enums import is_gated
 
 BLOCK = quant.BLOCK
@@ -71,10 +71,8 @@ def plan(ids, num_local_experts, *, expert_offset=0, num_experts=None):
     ids = ids.astype(jnp.int32)
     try:
         offset = operator.index(expert_offset)
-    except TypeError:  # traced (e.g. axis_index * E_loc inside shard_map)
-        if num_experts is not None:
-            ids = jnp.where((ids >= 0) & (ids < num_experts), ids, -1)
-        ids = jnp.where(ids >= 0, ids - jnp.asarray(expert_offset, jnp.int32), -1)
+    except TypeError:  # traced (e.g. axis_index * E_loc inside shard_map): shift in XLA
+        ids = reference.local_expert_ids(ids, expert_offset, num_experts)
         offset, num_experts = 0, None
     offsets, slot_to_row, row_to_slot, _ = _ffi_call(
         "jax_moe_plan",

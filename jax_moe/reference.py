@@ -38,14 +38,20 @@ def _tile_m(num_slots, num_local_experts):
     return t
 
 
+def local_expert_ids(ids, expert_offset, num_experts=None):
+    """ids - expert_offset as int32, -1 for negative ids and (if `num_experts` is given) ids
+    >= num_experts. `expert_offset` may be traced."""
+    ids = ids.astype(jnp.int32)
+    if num_experts is not None:
+        ids = jnp.where(ids < num_experts, ids, -1)
+    return jnp.where(ids >= 0, ids - jnp.asarray(expert_offset, jnp.int32), -1)
+
+
 def plan(ids, num_local_experts, tile_m=None, *, expert_offset=0, num_experts=None):
     """Expert ids int32 [T, k] -> Plan. Slot (t, j) goes to local expert ids[t, j] -
     expert_offset when that is in [0, E_loc) and, if `num_experts` is given, ids[t, j] is in
     [0, num_experts); other slots are not local. Rows of one expert keep slot order (stable)."""
-    local_ids = ids.astype(jnp.int32)
-    if num_experts is not None:
-        local_ids = jnp.where((local_ids >= 0) & (local_ids < num_experts), local_ids, -1)
-    local_ids = jnp.where(local_ids >= 0, local_ids - jnp.asarray(expert_offset, jnp.int32), -1)
+    local_ids = local_expert_ids(ids, expert_offset, num_experts)
     num_slots = local_ids.size
     e_loc = num_local_experts
     tm = tile_m or _tile_m(num_slots, e_loc)
