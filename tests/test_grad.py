@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import cases  # tests/ is on sys.path (pytest prepend import mode)
 import jax_moe
 from jax_moe import ActivationType as A
 from jax_moe import RoutingMethodType as R
@@ -52,21 +53,13 @@ def rel(a, b):
 
 # ----------------------------------------------------------------------------- inputs
 def make_case(seed, *, t=8, h=256, i=128, e=8, e_loc=None, act=A.Swiglu):
-    """N(0,1) hidden states, weights N(0,1)/sqrt(fan_in), quantized with the library."""
+    """`cases.quantized_layer` plus a bf16 output cotangent `ct` and the generator `rng`."""
     rng = np.random.default_rng(seed)
-    e_loc = e if e_loc is None else e_loc
-    n1 = 2 * i if act in GATED else i
-    x = rng.standard_normal((t, h)).astype(np.float32)
-    w1 = (rng.standard_normal((e_loc, n1, h)) / np.sqrt(h)).astype(np.float32)
-    w2 = (rng.standard_normal((e_loc, h, i)) / np.sqrt(i)).astype(np.float32)
-    hq, hs = jax_moe.quantize_activations(jnp.asarray(x))
-    w1q, w1s = jax_moe.quantize_weights(jnp.asarray(w1))
-    w2q, w2s = jax_moe.quantize_weights(jnp.asarray(w2))
-    return types.SimpleNamespace(
-        x=jnp.asarray(x), logits=jnp.asarray(rng.standard_normal((t, e)), jnp.float32),
-        bias=jnp.asarray(0.2 * rng.standard_normal(e), jnp.float32), hq=hq, hs=hs, w1=w1q,
-        w1s=w1s, w2=w2q, w2s=w2s, ct=jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16),
-        rng=rng)
+    c = cases.quantized_layer(rng, t=t, h=h, i=i, e=e, e_loc=e_loc, act=act)
+    c.logits = jnp.asarray(c.logits)
+    c.ct = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+    c.rng = rng
+    return c
 
 
 # ----------------------------------------------------------------------------- float64 oracle

@@ -19,11 +19,11 @@ import jax_moe
 from jax_moe import ActivationType as A
 from jax_moe import RoutingMethodType as R
 
-import oracle  # tests/ is on sys.path (pytest prepend import mode)
+import cases  # tests/ is on sys.path (pytest prepend import mode)
+import oracle
 
 TOL_ROUNDED = 1e-2
 TOL_EXACT = 6e-2
-GATED = (A.Swiglu, A.Geglu)
 
 
 class Case(NamedTuple):
@@ -38,20 +38,10 @@ class Case(NamedTuple):
 
 
 def make_case(seed, *, t, h, i, e, e_loc=None, act=A.Swiglu, logits_dtype=jnp.float32):
-    """Inputs drawn like real ones: N(0,1) hidden, weights N(0,1)/sqrt(fan_in), then quantized
-    with the library's quantize_activations / quantize_weights."""
-    rng = np.random.default_rng(seed)
-    e_loc = e if e_loc is None else e_loc
-    n1 = 2 * i if act in GATED else i
-    x = rng.standard_normal((t, h)).astype(np.float32)
-    w1 = (rng.standard_normal((e_loc, n1, h)) / np.sqrt(h)).astype(np.float32)
-    w2 = (rng.standard_normal((e_loc, h, i)) / np.sqrt(i)).astype(np.float32)
-    hq, hs = jax_moe.quantize_activations(jnp.asarray(x))
-    w1q, w1s = jax_moe.quantize_weights(jnp.asarray(w1))
-    w2q, w2s = jax_moe.quantize_weights(jnp.asarray(w2))
-    logits = jnp.asarray(rng.standard_normal((t, e)).astype(np.float32)).astype(logits_dtype)
-    bias = jnp.asarray(0.2 * rng.standard_normal(e), jnp.float32)
-    return Case(logits, bias, hq, hs, w1q, w1s, w2q, w2s)
+    """Inputs drawn like real ones (`cases.quantized_layer`), logits in `logits_dtype`."""
+    c = cases.quantized_layer(np.random.default_rng(seed), t=t, h=h, i=i, e=e, e_loc=e_loc, act=act)
+    return Case(jnp.asarray(c.logits).astype(logits_dtype), c.bias, c.hq, c.hs, c.w1, c.w1s,
+                c.w2, c.w2s)
 
 
 def expert_args(c):
