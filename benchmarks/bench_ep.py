@@ -21,7 +21,7 @@ H, I, E, K = 7168, 2048, 256, 8
 KW = dict(top_k=K, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 
 
-def median_ms(fn, args, reps):
+def device_ms(fn, args, reps):
     """Device time per call in ms (calls enqueued back to back, see testing.device_time)."""
     return 1e3 * device_time(fn, [args], reps)
 
@@ -62,7 +62,7 @@ def main():
         tokens = (tok.routing_logits, bias, tok.hidden_states, tok.hidden_states_scale)
         ref_args = [jax.device_put(x, devs[0]) for x in tokens] + one_gpu
         ref = single(*ref_args)
-        t1 = median_ms(single, ref_args, args.reps)
+        t1 = device_ms(single, ref_args, args.reps)
         ids = np.asarray(jax_moe.route(tok.routing_logits, bias, **KW)[0])
         owner = ids // e_loc
         src = (np.arange(t) * n // t)[:, None]  # token shard of each token (all_to_all mode)
@@ -75,7 +75,7 @@ def main():
                 mesh, "expert", *a, mode=mode, **KW, **extra))
             try:
                 out = fn(*tokens, *weights)
-                ms = median_ms(fn, list(tokens) + weights, args.reps)
+                ms = device_ms(fn, list(tokens) + weights, args.reps)
                 err = rel(jax.device_get(out).astype(np.float32), jax.device_get(ref).astype(np.float32))
             except Exception as e:  # report and go on with the other modes
                 results.append(dict(T=t, mode=name, error=str(e)[:300]))

@@ -4,7 +4,7 @@
 set -uo pipefail
 out=${OUT:-/tmp}
 bash tools/gpu_build.sh || exit 1
-which nsys ncu; nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm --format=csv,noheader
+which ncu; nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm --format=csv,noheader
 export PYTHONPATH=$PWD
 G="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 for t in 1 16 128 8192; do
