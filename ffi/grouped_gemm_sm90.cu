@@ -61,24 +61,37 @@ constexpr int kBlock = 128;  // scale block along K (and N for the weights)
 // (4 kernels). Most of this file's compile time is CUTLASS's headers and shared templates: the
 // float32 pair adds ~10 s to ~70 s, while a second translation unit would redo ~60 s of it.
 // --------------------------------------------------------------------------------------------
+// SwapAB_: the kernel computes d^T = b . a^T per group -- the weights are CUTLASS's A (the
+// 128-row M tiles run over the N output columns) and the token rows are its B (the N tile, 16 to
+// 64 rows, runs over the group's rows), so a group pads to the small N tile instead of a
+// 64/128-row M tile while both math warpgroups stay busy. d^T is stored column-major, which
+// is d row-major: the memory layouts of a, b, d and of both scale arrays are unchanged.
 template <class ElementD_, class TileShape_, class ClusterShape_, class KernelSchedule_,
-          class EpilogueSchedule_>
+          class EpilogueSchedule_, bool SwapAB_ = false>
 struct GroupedGemmConfig {
+  static constexpr bool kSwapAB = SwapAB_;
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
   using ElementD = ElementD_;  // cutlass::bfloat16_t or float
   static_assert(std::is_same_v<ElementD, cutlass::bfloat16_t> || std::is_same_v<ElementD, float>);
   using ElementAcc = float;  // also the element type of the block scales
-  using LayoutA = cutlass::layout::RowMajor;     // a [M, K], K contiguous
-  using LayoutB = cutlass::layout::ColumnMajor;  // b [N, K] per group, K contiguous
-  using LayoutD = cutlass::layout::RowMajor;     // d [M, N], N contiguous
+  // Operand A: the token rows a [M, K] (swapped: the weights b[g] [N, K]); operand B: b[g]
+  // (swapped: a). Both K contiguous, i.e. A row-major and B column-major either way.
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;
+  // d [M, N] row-major; swapped, CUTLASS's output is d^T [N, M] -- the same bytes, column-major.
+  using LayoutD = std::conditional_t<kSwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   // 16 bytes each: 16 fp8, 8 bf16 or 4 float. D rows start at offsets[g]*N elements with
   // N % 128 == 0, so every group's D pointer stays 16-byte aligned for both output types.
   static constexpr int kAlignA = 16, kAlignB = 16;
   static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
 
-  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kBlock, kBlock, cute::GMMA::Major::MN,
-                                                                cute::GMMA::Major::K>;
+  // Token scales: one per row and 128-block of K, grouped MN-major (rows contiguous); weight
+  // scales: one per 128x128 block, K-major. Swapped, the two trade places (SFA = weights).
+  using ScaleConfig = std::conditional_t<
+      kSwapAB,
+      cutlass::detail::Sm90BlockwiseScaleConfig<kBlock, 1, kBlock, cute::GMMA::Major::K, cute::GMMA::Major::MN>,
+      cutlass::detail::Sm90BlockwiseScaleConfig<1, kBlock, kBlock, cute::GMMA::Major::MN, cute::GMMA::Major::K>>;
   using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
   using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
@@ -107,7 +120,8 @@ struct GroupedGemmConfig {
   using StrideD = typename GemmKernel::InternalStrideD;
   static_assert(std::is_same_v<StrideA, cute::Stride<int64_t, cute::_1, cute::_0>>);
   static_assert(std::is_same_v<StrideB, cute::Stride<int64_t, cute::_1, cute::_0>>);
-  static_assert(std::is_same_v<StrideD, cute::Stride<int64_t, cute::_1, cute::_0>>);
+  static_assert(std::is_same_v<StrideD, std::conditional_t<kSwapAB, cute::Stride<cute::_1, int64_t, cute::_0>,
+                                                            cute::Stride<int64_t, cute::_1, cute::_0>>>);
 };
 
 // Many rows per group: 128x128x128 cooperative, 2-CTA clusters along N (A multicast).
@@ -120,6 +134,13 @@ template <class ElementD>
 using SmallConfig = GroupedGemmConfig<ElementD, Shape<_64, _128, _128>, Shape<_1, _1, _1>,
                                       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
                                       cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+
+// Swapped operands, 128 weight rows x TokenRows token rows per tile: for groups of a few rows
+// (decode) up to ~100, where 64/128-row M tiles are mostly padding.
+template <class ElementD, class TokenRows>
+using SwapConfig = GroupedGemmConfig<ElementD, Shape<_128, TokenRows, _128>, Shape<_1, _1, _1>,
+                                     cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                                     cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative, true>;
 
 // Use the small-tile config when the average group has at most this many rows.
 constexpr int64_t kSmallConfigMaxRowsPerGroup = 32;
@@ -182,17 +203,34 @@ __global__ void SetupGroupsKernel(GroupArrays<Cfg> arr, const int32_t* __restric
   int rows = end - start;
   int64_t kb = k / kBlock, nb = n / kBlock;
 
-  arr.shapes[g] = typename GroupArrays<Cfg>::Shape3(rows, n, k);
-  arr.ptr_a[g] = reinterpret_cast<const typename Cfg::ElementA*>(a + int64_t(start) * k);
-  arr.ptr_b[g] = reinterpret_cast<const typename Cfg::ElementB*>(b + int64_t(g) * n * k);
+  const uint8_t* tokens = a + int64_t(start) * k;
+  const uint8_t* weights = b + int64_t(g) * n * k;
+  const float* token_scales = a_scale + int64_t(start) * kb;
+  const float* weight_scales = b_scale + int64_t(g) * nb * kb;
+  using EA = typename Cfg::ElementA;
+  using EB = typename Cfg::ElementB;
   arr.ptr_d[g] = d + int64_t(start) * n;
-  arr.ptr_sfa[g] = a_scale + int64_t(start) * kb;
-  arr.ptr_sfb[g] = b_scale + int64_t(g) * nb * kb;
   arr.stride_a[g] = typename Cfg::StrideA{int64_t(k), {}, {}};
   arr.stride_b[g] = typename Cfg::StrideB{int64_t(k), {}, {}};
-  arr.stride_d[g] = typename Cfg::StrideD{int64_t(n), {}, {}};
-  arr.layout_sfa[g] = Cfg::ScaleConfig::tile_atom_to_shape_SFA(make_shape(rows, n, k, 1));
-  arr.layout_sfb[g] = Cfg::ScaleConfig::tile_atom_to_shape_SFB(make_shape(rows, n, k, 1));
+  if constexpr (Cfg::kSwapAB) {  // (M, N, K) = (n, rows, k): A = weights, B = tokens
+    arr.shapes[g] = typename GroupArrays<Cfg>::Shape3(n, rows, k);
+    arr.ptr_a[g] = reinterpret_cast<const EA*>(weights);
+    arr.ptr_b[g] = reinterpret_cast<const EB*>(tokens);
+    arr.ptr_sfa[g] = weight_scales;
+    arr.ptr_sfb[g] = token_scales;
+    arr.stride_d[g] = typename Cfg::StrideD{{}, int64_t(n), {}};
+    arr.layout_sfa[g] = Cfg::ScaleConfig::tile_atom_to_shape_SFA(make_shape(n, rows, k, 1));
+    arr.layout_sfb[g] = Cfg::ScaleConfig::tile_atom_to_shape_SFB(make_shape(n, rows, k, 1));
+  } else {  // (M, N, K) = (rows, n, k): A = tokens, B = weights
+    arr.shapes[g] = typename GroupArrays<Cfg>::Shape3(rows, n, k);
+    arr.ptr_a[g] = reinterpret_cast<const EA*>(tokens);
+    arr.ptr_b[g] = reinterpret_cast<const EB*>(weights);
+    arr.ptr_sfa[g] = token_scales;
+    arr.ptr_sfb[g] = weight_scales;
+    arr.stride_d[g] = typename Cfg::StrideD{int64_t(n), {}, {}};
+    arr.layout_sfa[g] = Cfg::ScaleConfig::tile_atom_to_shape_SFA(make_shape(rows, n, k, 1));
+    arr.layout_sfb[g] = Cfg::ScaleConfig::tile_atom_to_shape_SFB(make_shape(rows, n, k, 1));
+  }
 }
 
 // SM count and co-resident clusters of the kernel on a device: host queries, done once per
@@ -306,11 +344,18 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
   return ffi::Error::Success();
 }
 
-// Config override for tests and tuning: JAX_MOE_GEMM_TILE=128 or 64 forces the tile height
-// (read at every call, so it also applies to already-compiled executables).
-int ForcedTileM() {
+// Config override for tests and tuning: JAX_MOE_GEMM_TILE=128 (cooperative 128x128), 64
+// (ping-pong 64x128), "swap32" or "swap64" (swapped operands, 32 or 64 token rows per tile);
+// read at every call,
+// so it also applies to already-compiled executables. Unset: chosen from the rows per group.
+enum class Tile { kAuto, kBig, kSmall, kSwap32, kSwap64 };
+Tile ForcedTile() {
   const char* s = std::getenv("JAX_MOE_GEMM_TILE");
-  return s ? std::atoi(s) : 0;
+  if (!s) return Tile::kAuto;
+  if (std::string(s) == "swap32") return Tile::kSwap32;
+  if (std::string(s) == "swap64") return Tile::kSwap64;
+  const int v = std::atoi(s);
+  return v == 64 ? Tile::kSmall : v == 128 ? Tile::kBig : Tile::kAuto;
 }
 
 // --------------------------------------------------------------------------------------------
@@ -346,16 +391,24 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
     return InvalidArgument(std::string(op) + ": sizes exceed the 32-bit range of the kernel");
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
 
-  const int forced = ForcedTileM();
-  const bool small = forced ? forced == 64 : (m / g) <= kSmallConfigMaxRowsPerGroup;
+  Tile tile = ForcedTile();
+  if (tile == Tile::kAuto) tile = (m / g) <= kSmallConfigMaxRowsPerGroup ? Tile::kSmall : Tile::kBig;
   auto run = [&](auto cfg_tag) {
     using Cfg = decltype(cfg_tag);
     return RunGroupedGemm<Cfg>(stream, device, int(g), int(m), int(n), int(k), a.untyped_data(),
                                a_scale.typed_data(), b.untyped_data(), b_scale.typed_data(), offsets.typed_data(),
                                d->untyped_data(), workspace->typed_data(), workspace->size_bytes());
   };
-  if (f32_out) return small ? run(SmallConfig<float>{}) : run(BigConfig<float>{});
-  return small ? run(SmallConfig<cutlass::bfloat16_t>{}) : run(BigConfig<cutlass::bfloat16_t>{});
+  auto run_d = [&](auto d_tag) {
+    using D = decltype(d_tag);
+    switch (tile) {
+      case Tile::kSwap32: return run(SwapConfig<D, _32>{});
+      case Tile::kSwap64: return run(SwapConfig<D, _64>{});
+      case Tile::kSmall: return run(SmallConfig<D>{});
+      default: return run(BigConfig<D>{});
+    }
+  };
+  return f32_out ? run_d(float{}) : run_d(cutlass::bfloat16_t{});
 }
 
 }  // namespace

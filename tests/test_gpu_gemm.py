@@ -121,7 +121,7 @@ OUT_DTYPES = pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32], i
 
 
 @OUT_DTYPES
-@pytest.mark.parametrize("tile", ["auto", "64", "128"])
+@pytest.mark.parametrize("tile", ["auto", "64", "128", "swap32", "swap64"])
 @pytest.mark.parametrize("name", sorted(SMALL_OFFSETS))
 def test_small_shapes(name, tile, out_dtype, monkeypatch):
     if tile != "auto":
@@ -162,7 +162,7 @@ def test_deepseek_gemm1_f32_output(m):
 
 
 @OUT_DTYPES
-@pytest.mark.parametrize("tile", ["64", "128"])
+@pytest.mark.parametrize("tile", ["64", "128", "swap32", "swap64"])
 def test_deepseek_32_groups_both_configs(tile, out_dtype, monkeypatch):
     monkeypatch.setenv("JAX_MOE_GEMM_TILE", tile)
     g, n, k, m = 32, 4096, 7168, 1000
@@ -172,7 +172,7 @@ def test_deepseek_32_groups_both_configs(tile, out_dtype, monkeypatch):
     _run_and_check(a_q, a_s, b_q, b_s, offsets, out_dtype=out_dtype)
 
 
-@pytest.mark.parametrize("tile", ["64", "128"])
+@pytest.mark.parametrize("tile", ["64", "128", "swap32", "swap64"])
 def test_f32_output_rounds_to_the_bf16_output(tile, monkeypatch):
     """Same accumulation in both output types: the float32 result rounded to bf16 is the bf16
     result (allowing 1 ulp in case the epilogue's conversion rounds differently)."""
