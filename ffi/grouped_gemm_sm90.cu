@@ -24,7 +24,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -344,19 +343,10 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
   return ffi::Error::Success();
 }
 
-// Config override for tests and tuning: JAX_MOE_GEMM_TILE=128 (cooperative 128x128), 64
-// (ping-pong 64x128), "swap32" or "swap64" (swapped operands, 32 or 64 token rows per tile);
-// read at every call,
-// so it also applies to already-compiled executables. Unset: chosen from the rows per group.
-enum class Tile { kAuto, kBig, kSmall, kSwap32, kSwap64 };
-Tile ForcedTile() {
-  const char* s = std::getenv("JAX_MOE_GEMM_TILE");
-  if (!s) return Tile::kAuto;
-  if (std::string(s) == "swap32") return Tile::kSwap32;
-  if (std::string(s) == "swap64") return Tile::kSwap64;
-  const int v = std::atoi(s);
-  return v == 64 ? Tile::kSmall : v == 128 ? Tile::kBig : Tile::kAuto;
-}
+// Tile configs, the handler's `tile` attribute (jax_moe/ops.py GEMM_TILES lists the same
+// numbers): 0 = auto (from the rows per group), 1 = cooperative 128x128, 2 = ping-pong 64x128,
+// 3 / 4 = swapped operands with 32 / 64 token rows per tile.
+enum Tile : int32_t { kAuto = 0, kBig = 1, kSmall = 2, kSwap32 = 3, kSwap64 = 4 };
 
 // --------------------------------------------------------------------------------------------
 // The handler.
@@ -364,8 +354,10 @@ Tile ForcedTile() {
 ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a,
                            ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> b_scale,
                            ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> d,
-                           ffi::Result<ffi::Buffer<ffi::U8>> workspace) {
+                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
+  if (tile < kAuto || tile > kSwap64)
+    return InvalidArgument(std::string(op) + ": tile: expected 0..4, got " + std::to_string(tile));
   if (!IsFp8E4M3(a)) return InvalidArgument(std::string(op) + ": a: dtype must be float8_e4m3fn");
   if (!IsFp8E4M3(b)) return InvalidArgument(std::string(op) + ": b: dtype must be float8_e4m3fn");
   const bool f32_out = d->element_type() == ffi::DataType::F32;
@@ -391,8 +383,7 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
     return InvalidArgument(std::string(op) + ": sizes exceed the 32-bit range of the kernel");
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
 
-  Tile tile = ForcedTile();
-  if (tile == Tile::kAuto) tile = (m / g) <= kSmallConfigMaxRowsPerGroup ? Tile::kSmall : Tile::kBig;
+  if (tile == kAuto) tile = (m / g) <= kSmallConfigMaxRowsPerGroup ? kSmall : kBig;
   auto run = [&](auto cfg_tag) {
     using Cfg = decltype(cfg_tag);
     return RunGroupedGemm<Cfg>(stream, device, int(g), int(m), int(n), int(k), a.untyped_data(),
@@ -402,9 +393,9 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
   auto run_d = [&](auto d_tag) {
     using D = decltype(d_tag);
     switch (tile) {
-      case Tile::kSwap32: return run(SwapConfig<D, _32>{});
-      case Tile::kSwap64: return run(SwapConfig<D, _64>{});
-      case Tile::kSmall: return run(SmallConfig<D>{});
+      case kSwap32: return run(SwapConfig<D, _32>{});
+      case kSwap64: return run(SwapConfig<D, _64>{});
+      case kSmall: return run(SmallConfig<D>{});
       default: return run(BigConfig<D>{});
     }
   };
@@ -424,7 +415,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMoeGroupedGemm, jax_moe::GroupedGemmImpl,
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()       // b_scale
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()       // expert_offsets
                                   .Ret<xla::ffi::AnyBuffer>()                   // d: bf16 or f32
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>(),       // workspace
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()        // workspace
+                                  .Attr<int32_t>("tile"),                       // Tile above
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 JAX_MOE_REGISTER_TARGET("jax_moe_grouped_gemm", JaxMoeGroupedGemm);

@@ -13,6 +13,7 @@ Layout contract shared by the CUDA stages (M = T*k rows, no padding):
   * Weight scales are [G, N/128, K/128] float32 as given by the user.
 """
 import operator
+import os
 from typing import NamedTuple
 
 import jax
@@ -111,18 +112,37 @@ def grouped_gemm_workspace_bytes(num_groups):
     return 1024 * num_groups + (1 << 18)
 
 
-def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloat16):
+# The kernel's tile configs (the `tile` attribute of jax_moe_grouped_gemm):
+#   "auto": chosen from the average rows per group; "128": cooperative 128x128 tiles;
+#   "64": ping-pong 64x128 tiles; "swap32" / "swap64": swapped operands (the weights are the
+#   kernel's M side), 32 / 64 token rows per tile.
+GEMM_TILES = {"auto": 0, "128": 1, "64": 2, "swap32": 3, "swap64": 4}
+TILE_ENV = "JAX_MOE_GEMM_TILE"
+
+
+def _gemm_tile(tile):
+    """tile argument (None: $JAX_MOE_GEMM_TILE, else "auto"), read when the op is traced."""
+    tile = tile if tile is not None else os.environ.get(TILE_ENV, "auto")
+    if tile not in GEMM_TILES:
+        raise ValueError(f"tile: expected one of {sorted(GEMM_TILES)} "
+                         f"(argument or ${TILE_ENV}), got {tile!r}")
+    return GEMM_TILES[tile]
+
+
+def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloat16, tile=None):
     """`jax_moe_grouped_gemm`: a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major),
     b fp8 [G, N, K], b_scale f32 [G, N/128, K/128], offsets int32 [G+1] -> d [M, N] in
     out_dtype (bfloat16 or float32) with d[r] = dequant(a[r]) @ dequant(b[g]).T for r in group g
     (float32 accumulation, block scales applied per 128 of K). Rows past offsets[G] are not
-    written."""
+    written. `tile`: a key of GEMM_TILES; None reads $JAX_MOE_GEMM_TILE at trace time (so an
+    override needs a fresh trace: a new jit or `jax.clear_caches()`)."""
     m, _ = a.shape
     g, n, _ = b.shape
     d, _ = _ffi_call(
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), out_dtype),
          jax.ShapeDtypeStruct((grouped_gemm_workspace_bytes(g),), jnp.uint8)),
+        tile=_i32(_gemm_tile(tile)),
     )(a, a_scale, b, b_scale, expert_offsets)
     return d
 

@@ -266,3 +266,19 @@ def test_routed_entry_checks_routing_arguments():
         jax.eval_shape(functools.partial(call, n_group=3, topk_group=1), ids, None, x, xs, w1, w1s, w2, w2s)
     with pytest.raises(ValueError, match="topk_group"):
         jax.eval_shape(functools.partial(call, n_group=2, topk_group=4), ids, None, x, xs, w1, w1s, w2, w2s)
+
+
+def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
+    """The GEMM tile config (argument, else $JAX_MOE_GEMM_TILE) must be a known name; checked
+    before anything reaches the FFI target."""
+    from jax_moe import ops
+    a = jnp.zeros((8, 256), FP8)
+    b = jnp.zeros((2, 256, 256), FP8)
+    args = (a, jnp.ones((16,), jnp.float32), b, jnp.ones((2, 2, 2), jnp.float32),
+            jnp.array([0, 4, 8], jnp.int32))
+    with pytest.raises(ValueError, match="tile: expected one of .*got '96'"):
+        jax.eval_shape(functools.partial(ops.grouped_gemm_raw, tile="96"), *args)
+    monkeypatch.setenv(ops.TILE_ENV, "swap16")
+    with pytest.raises(ValueError, match="JAX_MOE_GEMM_TILE.*got 'swap16'"):
+        jax.eval_shape(ops.grouped_gemm_raw, *args)
+    assert {ops._gemm_tile(t) for t in ops.GEMM_TILES} == set(range(len(ops.GEMM_TILES)))

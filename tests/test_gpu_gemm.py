@@ -73,15 +73,15 @@ def _rel(x, ref):
     return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
-def _gemm_fn(out_dtype=jnp.bfloat16):
-    """A fresh jitted wrapper (new executable, so a JAX_MOE_GEMM_TILE override applies)."""
-    return jax.jit(lambda *xs: ops.grouped_gemm_raw(*xs, out_dtype=out_dtype))
+def _gemm_fn(out_dtype=jnp.bfloat16, tile="auto"):
+    """The jitted kernel with one tile config (ops.GEMM_TILES)."""
+    return jax.jit(lambda *xs: ops.grouped_gemm_raw(*xs, out_dtype=out_dtype, tile=tile))
 
 
-def _run_and_check(a_q, a_s, b_q, b_s, offsets, fn=None, out_dtype=jnp.bfloat16):
+def _run_and_check(a_q, a_s, b_q, b_s, offsets, fn=None, out_dtype=jnp.bfloat16, tile="auto"):
     offsets = np.asarray(offsets, np.int32)
     sfa = _grouped_scales_np(np.asarray(a_s), offsets)
-    d = (fn or _gemm_fn(out_dtype))(a_q, jnp.asarray(sfa), b_q, b_s, jnp.asarray(offsets))
+    d = (fn or _gemm_fn(out_dtype, tile))(a_q, jnp.asarray(sfa), b_q, b_s, jnp.asarray(offsets))
     assert d.shape == (a_q.shape[0], b_q.shape[1]) and d.dtype == out_dtype
     tol = TOL_F32 if out_dtype == jnp.float32 else TOL
     valid = slice(int(offsets[0]), int(offsets[-1]))
@@ -121,15 +121,13 @@ OUT_DTYPES = pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32], i
 
 
 @OUT_DTYPES
-@pytest.mark.parametrize("tile", ["auto", "64", "128", "swap32", "swap64"])
+@pytest.mark.parametrize("tile", sorted(ops.GEMM_TILES))
 @pytest.mark.parametrize("name", sorted(SMALL_OFFSETS))
-def test_small_shapes(name, tile, out_dtype, monkeypatch):
-    if tile != "auto":
-        monkeypatch.setenv("JAX_MOE_GEMM_TILE", tile)
+def test_small_shapes(name, tile, out_dtype):
     offsets = SMALL_OFFSETS[name]
     m = max(40, offsets[-1])
     a_q, a_s, b_q, b_s = _inputs(1, m, 4, 256, 512)
-    _run_and_check(a_q, a_s, b_q, b_s, offsets, out_dtype=out_dtype)
+    _run_and_check(a_q, a_s, b_q, b_s, offsets, out_dtype=out_dtype, tile=tile)
 
 
 def test_scale_helper_matches_numpy():
@@ -163,20 +161,18 @@ def test_deepseek_gemm1_f32_output(m):
 
 @OUT_DTYPES
 @pytest.mark.parametrize("tile", ["64", "128", "swap32", "swap64"])
-def test_deepseek_32_groups_both_configs(tile, out_dtype, monkeypatch):
-    monkeypatch.setenv("JAX_MOE_GEMM_TILE", tile)
+def test_deepseek_32_groups_every_config(tile, out_dtype):
     g, n, k, m = 32, 4096, 7168, 1000
     rng = np.random.default_rng(7)
     a_q, a_s, b_q, b_s = _inputs(3, m, g, n, k)
     offsets = _split(rng, m, g, empty=[0, 5, 31])
-    _run_and_check(a_q, a_s, b_q, b_s, offsets, out_dtype=out_dtype)
+    _run_and_check(a_q, a_s, b_q, b_s, offsets, out_dtype=out_dtype, tile=tile)
 
 
 @pytest.mark.parametrize("tile", ["64", "128", "swap32", "swap64"])
-def test_f32_output_rounds_to_the_bf16_output(tile, monkeypatch):
+def test_f32_output_rounds_to_the_bf16_output(tile):
     """Same accumulation in both output types: the float32 result rounded to bf16 is the bf16
     result (allowing 1 ulp in case the epilogue's conversion rounds differently)."""
-    monkeypatch.setenv("JAX_MOE_GEMM_TILE", tile)
     g, n, k, m = 8, 512, 1024, 700
     rng = np.random.default_rng(13)
     a_q, a_s, b_q, b_s = _inputs(8, m, g, n, k)
@@ -184,8 +180,8 @@ def test_f32_output_rounds_to_the_bf16_output(tile, monkeypatch):
     args = (a_q, jnp.asarray(_grouped_scales_np(np.asarray(a_s), offsets)), b_q, b_s,
             jnp.asarray(offsets))
     valid = slice(0, int(offsets[-1]))
-    d16 = np.asarray(_gemm_fn(jnp.bfloat16)(*args))[valid]
-    d32 = np.asarray(_gemm_fn(jnp.float32)(*args))[valid]
+    d16 = np.asarray(_gemm_fn(jnp.bfloat16, tile)(*args))[valid]
+    d32 = np.asarray(_gemm_fn(jnp.float32, tile)(*args))[valid]
     assert np.isfinite(d32).all()
     ulps = np.abs(_bf16_ordered(d16) - _bf16_ordered(d32.astype(ml_dtypes.bfloat16)))
     assert ulps.max() <= 1, f"bf16 vs rounded f32 output: {ulps.max()} ulp"
@@ -263,7 +259,25 @@ def test_workspace_too_small_is_an_error():
     b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
     call = jax.ffi.ffi_call(
         "jax_moe_grouped_gemm",
-        (jax.ShapeDtypeStruct((m, n), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.uint8)))
+        (jax.ShapeDtypeStruct((m, n), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.uint8)),
+        tile=np.int32(0))
     with pytest.raises(Exception, match="workspace"):
+        jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
+                                   jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32)))
+
+
+def test_unknown_tile_is_an_error():
+    m, g, n, k = 8, 2, 256, 256
+    a = jnp.zeros((m, k), jnp.float8_e4m3fn)
+    b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="tile"):
+        ops.grouped_gemm_raw(a, jnp.ones((m * 2,), jnp.float32), b, jnp.ones((g, 2, 2), jnp.float32),
+                             jnp.array([0, 4, 8], jnp.int32), tile="256")
+    call = jax.ffi.ffi_call(
+        "jax_moe_grouped_gemm",
+        (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+         jax.ShapeDtypeStruct((ops.grouped_gemm_workspace_bytes(g),), jnp.uint8)),
+        tile=np.int32(9))
+    with pytest.raises(Exception, match="tile"):
         jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
                                    jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32)))

@@ -1,0 +1,56 @@
+"""Device time of the jitted fp8_block_scale_moe for every grouped-GEMM tile config, at the
+DeepSeek-V3 workloads of bench_moe.py, in one process per expert count. The config is the
+GEMM's `tile` attribute, taken from JAX_MOE_GEMM_TILE when the op is traced, so every config
+gets its own trace (jax.clear_caches()).
+
+    python tools/tile_sweep.py [--tiles auto 64 128 swap32 swap64] [--reps 20]
+"""
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+
+import jax_moe
+from jax_moe.testing import device_time, random_moe_inputs
+
+H, I, E = 7168, 2048, 256
+KW = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+          routing_method_type=jax_moe.RoutingMethodType.DeepSeekV3)
+WORKLOADS = {256: [1, 16, 128, 2048, 8192], 32: [64, 512, 4096, 16384]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiles", nargs="+", default=["auto", "64", "128", "swap32", "swap64"])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--local-experts", type=int, nargs="+", default=[256, 32])
+    args = ap.parse_args()
+    print("tile-sweep  E_loc      T  rows/grp  " + "  ".join(f"{t:>8}" for t in args.tiles) + "   (ms)")
+    for e_loc in args.local_experts:
+        w = random_moe_inputs(jax.random.PRNGKey(0), num_tokens=1, hidden_size=H,
+                              intermediate_size=I, num_experts=E, local_num_experts=e_loc)
+        fn = jax.jit(lambda *a: jax_moe.fp8_block_scale_moe(*a, **KW))
+        for t in WORKLOADS[e_loc]:
+            sets = []
+            for s in range(2):
+                logits = jax.random.normal(jax.random.PRNGKey(100 + s), (t, E), jnp.float32)
+                xq, xs = jax_moe.quantize_activations(
+                    jax.random.normal(jax.random.PRNGKey(200 + s), (t, H)))
+                sets.append((logits, w.routing_bias, xq, xs) + tuple(w[4:]))
+            ms = []
+            for tile in args.tiles:
+                if tile == "auto":
+                    os.environ.pop("JAX_MOE_GEMM_TILE", None)
+                else:
+                    os.environ["JAX_MOE_GEMM_TILE"] = tile
+                jax.clear_caches()
+                ms.append(device_time(fn, sets, args.reps) * 1e3)
+            os.environ.pop("JAX_MOE_GEMM_TILE", None)
+            rows = t * 8 * e_loc / E / e_loc
+            print(f"tile-sweep  {e_loc:5d}  {t:5d}  {rows:8.1f}  " + "  ".join(f"{m:8.3f}" for m in ms),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
