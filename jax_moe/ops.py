@@ -142,8 +142,7 @@ def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloa
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), out_dtype),
          jax.ShapeDtypeStruct((grouped_gemm_workspace_bytes(g),), jnp.uint8)),
-        tile=_i32(_gemm_tile(tile)),
-    )(a, a_scale, b, b_scale, expert_offsets)
+    )(a, a_scale, b, b_scale, expert_offsets, tile=_i32(_gemm_tile(tile)))
     return d
 
 

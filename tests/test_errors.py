@@ -282,3 +282,22 @@ def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
     with pytest.raises(ValueError, match="JAX_MOE_GEMM_TILE.*got 'swap16'"):
         jax.eval_shape(ops.grouped_gemm_raw, *args)
     assert {ops._gemm_tile(t) for t in ops.GEMM_TILES} == set(range(len(ops.GEMM_TILES)))
+
+
+def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
+    """Each config name lowers to its `tile` attribute (the kernel's Tile enum); the env var is
+    the default when no argument is given."""
+    from jax_moe import _native, ops
+    monkeypatch.setattr(_native, "register_targets", lambda: None)  # lowering only, no CUDA
+    a = jnp.zeros((8, 256), FP8)
+    b = jnp.zeros((2, 256, 256), FP8)
+    args = (a, jnp.ones((16,), jnp.float32), b, jnp.ones((2, 2, 2), jnp.float32),
+            jnp.array([0, 4, 8], jnp.int32))
+
+    def attr(**kw):
+        text = jax.jit(lambda *x: ops.grouped_gemm_raw(*x, **kw)).lower(*args).as_text()
+        return [line.split("tile = ")[1].split(" ")[0] for line in text.splitlines() if "tile = " in line]
+
+    assert [attr(tile=t) for t in ("auto", "128", "64", "swap32", "swap64")] == [["0"], ["1"], ["2"], ["3"], ["4"]]
+    monkeypatch.setenv(ops.TILE_ENV, "swap32")
+    assert attr() == ["3"]

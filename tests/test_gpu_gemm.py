@@ -259,11 +259,11 @@ def test_workspace_too_small_is_an_error():
     b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
     call = jax.ffi.ffi_call(
         "jax_moe_grouped_gemm",
-        (jax.ShapeDtypeStruct((m, n), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.uint8)),
-        tile=np.int32(0))
+        (jax.ShapeDtypeStruct((m, n), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.uint8)))
     with pytest.raises(Exception, match="workspace"):
         jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
-                                   jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32)))
+                                   jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32),
+                                   tile=np.int32(0)))
 
 
 def test_unknown_tile_is_an_error():
@@ -276,8 +276,8 @@ def test_unknown_tile_is_an_error():
     call = jax.ffi.ffi_call(
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-         jax.ShapeDtypeStruct((ops.grouped_gemm_workspace_bytes(g),), jnp.uint8)),
-        tile=np.int32(9))
+         jax.ShapeDtypeStruct((ops.grouped_gemm_workspace_bytes(g),), jnp.uint8)))
     with pytest.raises(Exception, match="tile"):
         jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
-                                   jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32)))
+                                   jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32),
+                                   tile=np.int32(9)))
