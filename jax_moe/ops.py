@@ -136,13 +136,14 @@ def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloa
     (float32 accumulation, block scales applied per 128 of K). Rows past offsets[G] are not
     written. `tile`: a key of GEMM_TILES; None reads $JAX_MOE_GEMM_TILE at trace time (so an
     override needs a fresh trace: a new jit or `jax.clear_caches()`)."""
+    tile_attr = _i32(_gemm_tile(tile))
     m, _ = a.shape
     g, n, _ = b.shape
     d, _ = _ffi_call(
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), out_dtype),
          jax.ShapeDtypeStruct((grouped_gemm_workspace_bytes(g),), jnp.uint8)),
-    )(a, a_scale, b, b_scale, expert_offsets, tile=_i32(_gemm_tile(tile)))
+    )(a, a_scale, b, b_scale, expert_offsets, tile=tile_attr)
     return d
 
 
