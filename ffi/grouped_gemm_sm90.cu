@@ -56,9 +56,9 @@ using namespace cute;
 constexpr int kBlock = 128;  // scale block along K (and N for the weights)
 
 // --------------------------------------------------------------------------------------------
-// Kernel configuration: one template, instantiated for two tile shapes x two output types
-// (4 kernels). Most of this file's compile time is CUTLASS's headers and shared templates: the
-// float32 pair adds ~10 s to ~70 s, while a second translation unit would redo ~60 s of it.
+// Kernel configuration: one template, instantiated for three tile configs x two output types
+// (6 kernels). Most of this file's compile time is CUTLASS's headers and shared templates; a
+// second translation unit would redo ~60 s of it.
 // --------------------------------------------------------------------------------------------
 // SwapAB_: the kernel computes d^T = b . a^T per group -- the weights are CUTLASS's A (the
 // 128-row M tiles run over the N output columns) and the token rows are its B (the N tile, 16 to
@@ -134,14 +134,17 @@ using SmallConfig = GroupedGemmConfig<ElementD, Shape<_64, _128, _128>, Shape<_1
                                       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
                                       cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
 
-// Swapped operands, 128 weight rows x TokenRows token rows per tile: for groups of a few rows
-// (decode) up to ~100, where 64/128-row M tiles are mostly padding.
-template <class ElementD, class TokenRows>
-using SwapConfig = GroupedGemmConfig<ElementD, Shape<_128, TokenRows, _128>, Shape<_1, _1, _1>,
+// Swapped operands, 128 weight rows x 32 token rows per tile: for groups of a few rows (decode),
+// where 64/128-row M tiles are mostly padding. (A 64-token variant never won in the sweep.)
+template <class ElementD>
+using SwapConfig = GroupedGemmConfig<ElementD, Shape<_128, _32, _128>, Shape<_1, _1, _1>,
                                      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
                                      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative, true>;
 
-// Use the small-tile config when the average group has at most this many rows.
+// "auto" on the average rows per group M/G (the same thresholds as jax_moe.ops.gemm_tile_for,
+// measured with tools/tile_sweep.py): swapped 32-token tiles up to 16 rows, 64-row ping-pong
+// tiles up to 32, cooperative 128x128 tiles beyond.
+constexpr int64_t kSwap32MaxRowsPerGroup = 16;
 constexpr int64_t kSmallConfigMaxRowsPerGroup = 32;
 
 // --------------------------------------------------------------------------------------------
@@ -345,8 +348,8 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
 
 // Tile configs, the handler's `tile` attribute (jax_moe/ops.py GEMM_TILES lists the same
 // numbers): 0 = auto (from the rows per group), 1 = cooperative 128x128, 2 = ping-pong 64x128,
-// 3 / 4 = swapped operands with 32 / 64 token rows per tile.
-enum Tile : int32_t { kAuto = 0, kBig = 1, kSmall = 2, kSwap32 = 3, kSwap64 = 4 };
+// 3 = swapped operands with 32 token rows per tile.
+enum Tile : int32_t { kAuto = 0, kBig = 1, kSmall = 2, kSwap32 = 3 };
 
 // --------------------------------------------------------------------------------------------
 // The handler.
@@ -356,8 +359,8 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                            ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> d,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
-  if (tile < kAuto || tile > kSwap64)
-    return InvalidArgument(std::string(op) + ": tile: expected 0..4, got " + std::to_string(tile));
+  if (tile < kAuto || tile > kSwap32)
+    return InvalidArgument(std::string(op) + ": tile: expected 0..3, got " + std::to_string(tile));
   if (!IsFp8E4M3(a)) return InvalidArgument(std::string(op) + ": a: dtype must be float8_e4m3fn");
   if (!IsFp8E4M3(b)) return InvalidArgument(std::string(op) + ": b: dtype must be float8_e4m3fn");
   const bool f32_out = d->element_type() == ffi::DataType::F32;
@@ -383,7 +386,10 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
     return InvalidArgument(std::string(op) + ": sizes exceed the 32-bit range of the kernel");
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
 
-  if (tile == kAuto) tile = (m / g) <= kSmallConfigMaxRowsPerGroup ? kSmall : kBig;
+  if (tile == kAuto) {
+    const int64_t rows_per_group = m / g;
+    tile = rows_per_group <= kSwap32MaxRowsPerGroup ? kSwap32 : rows_per_group <= kSmallConfigMaxRowsPerGroup ? kSmall : kBig;
+  }
   auto run = [&](auto cfg_tag) {
     using Cfg = decltype(cfg_tag);
     return RunGroupedGemm<Cfg>(stream, device, int(g), int(m), int(n), int(k), a.untyped_data(),
@@ -393,8 +399,7 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
   auto run_d = [&](auto d_tag) {
     using D = decltype(d_tag);
     switch (tile) {
-      case kSwap32: return run(SwapConfig<D, _32>{});
-      case kSwap64: return run(SwapConfig<D, _64>{});
+      case kSwap32: return run(SwapConfig<D>{});
       case kSmall: return run(SmallConfig<D>{});
       default: return run(BigConfig<D>{});
     }

@@ -114,10 +114,23 @@ def grouped_gemm_workspace_bytes(num_groups):
 
 # The kernel's tile configs (the `tile` attribute of jax_moe_grouped_gemm):
 #   "auto": chosen from the average rows per group; "128": cooperative 128x128 tiles;
-#   "64": ping-pong 64x128 tiles; "swap32" / "swap64": swapped operands (the weights are the
-#   kernel's M side), 32 / 64 token rows per tile.
-GEMM_TILES = {"auto": 0, "128": 1, "64": 2, "swap32": 3, "swap64": 4}
+#   "64": ping-pong 64x128 tiles; "swap32": swapped operands (the weights are the kernel's M
+#   side), 32 token rows per tile.
+GEMM_TILES = {"auto": 0, "128": 1, "64": 2, "swap32": 3}
 TILE_ENV = "JAX_MOE_GEMM_TILE"
+
+
+def gemm_tile_for(rows_per_group):
+    """The config for groups of about `rows_per_group` rows (tools/tile_sweep.py on an H100,
+    DeepSeek-V3 MoE, benchmarks/RESULTS.md): swapped operands with 32-token tiles win by 1-3 %
+    up to 16 rows per group (decode, small expert-parallel slices) and lose badly beyond 64;
+    from 33 rows the cooperative 128x128 tile wins. The kernel's own "auto" uses the same
+    thresholds on M/G."""
+    if rows_per_group <= 16:
+        return "swap32"
+    if rows_per_group <= 32:
+        return "64"
+    return "128"
 
 
 def _gemm_tile(tile):
@@ -147,8 +160,16 @@ def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloa
     return d
 
 
-def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jnp.bfloat16):
-    return grouped_gemm_raw(rows, row_scales, weights, weight_scales, p.expert_offsets, out_dtype)
+def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jnp.bfloat16,
+                 rows_per_group=None):
+    """The pipeline's GEMM stage. `rows_per_group`: the expected rows per local expert (T*k/E
+    under balanced routing -- with a local slice, M/G would count the rows of other devices'
+    experts too); picks the tile unless $JAX_MOE_GEMM_TILE is set."""
+    tile = None
+    if rows_per_group is not None and TILE_ENV not in os.environ:
+        tile = gemm_tile_for(rows_per_group)
+    return grouped_gemm_raw(rows, row_scales, weights, weight_scales, p.expert_offsets, out_dtype,
+                            tile=tile)
 
 
 # --------------------------------------------------------------------------- activation

@@ -106,12 +106,14 @@ def zeros_like_struct(s):
     return jax.lax.pcast(z, axes, to="varying") if axes else z
 
 
-def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jnp.bfloat16):
+def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jnp.bfloat16,
+                 rows_per_group=None):
     """Blockwise-FP8 grouped GEMM: out[r] = dequant(rows[r]) @ dequant(W[expert(r)]).T.
 
     rows fp8 [R, K], row_scales f32 [R, K/128], weights fp8 [G, N, K], weight_scales
     f32 [G, N/128, K/128] -> [R, N] in out_dtype, accumulated in float32. Tiles of unused
-    experts are skipped (their rows come out zero)."""
+    experts are skipped (their rows come out zero). `rows_per_group` (a tiling hint for the
+    CUDA stage) is accepted and ignored."""
     num_rows, k = rows.shape
     g, n, _ = weights.shape
     tm = p.tile_m

@@ -267,37 +267,3 @@ def test_routed_entry_checks_routing_arguments():
     with pytest.raises(ValueError, match="topk_group"):
         jax.eval_shape(functools.partial(call, n_group=2, topk_group=4), ids, None, x, xs, w1, w1s, w2, w2s)
 
-
-def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
-    """The GEMM tile config (argument, else $JAX_MOE_GEMM_TILE) must be a known name; checked
-    before anything reaches the FFI target."""
-    from jax_moe import ops
-    a = jnp.zeros((8, 256), FP8)
-    b = jnp.zeros((2, 256, 256), FP8)
-    args = (a, jnp.ones((16,), jnp.float32), b, jnp.ones((2, 2, 2), jnp.float32),
-            jnp.array([0, 4, 8], jnp.int32))
-    with pytest.raises(ValueError, match="tile: expected one of .*got '96'"):
-        jax.eval_shape(functools.partial(ops.grouped_gemm_raw, tile="96"), *args)
-    monkeypatch.setenv(ops.TILE_ENV, "swap16")
-    with pytest.raises(ValueError, match="JAX_MOE_GEMM_TILE.*got 'swap16'"):
-        jax.eval_shape(ops.grouped_gemm_raw, *args)
-    assert {ops._gemm_tile(t) for t in ops.GEMM_TILES} == set(range(len(ops.GEMM_TILES)))
-
-
-def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
-    """Each config name lowers to its `tile` attribute (the kernel's Tile enum); the env var is
-    the default when no argument is given."""
-    from jax_moe import _native, ops
-    monkeypatch.setattr(_native, "register_targets", lambda: None)  # lowering only, no CUDA
-    a = jnp.zeros((8, 256), FP8)
-    b = jnp.zeros((2, 256, 256), FP8)
-    args = (a, jnp.ones((16,), jnp.float32), b, jnp.ones((2, 2, 2), jnp.float32),
-            jnp.array([0, 4, 8], jnp.int32))
-
-    def attr(**kw):
-        text = jax.jit(lambda *x: ops.grouped_gemm_raw(*x, **kw)).lower(*args).as_text()
-        return [line.split("tile = ")[1].split(" ")[0] for line in text.splitlines() if "tile = " in line]
-
-    assert [attr(tile=t) for t in ("auto", "128", "64", "swap32", "swap64")] == [["0"], ["1"], ["2"], ["3"], ["4"]]
-    monkeypatch.setenv(ops.TILE_ENV, "swap32")
-    assert attr() == ["3"]

@@ -160,7 +160,7 @@ def test_deepseek_gemm1_f32_output(m):
 
 
 @OUT_DTYPES
-@pytest.mark.parametrize("tile", ["64", "128", "swap32", "swap64"])
+@pytest.mark.parametrize("tile", ["64", "128", "swap32"])
 def test_deepseek_32_groups_every_config(tile, out_dtype):
     g, n, k, m = 32, 4096, 7168, 1000
     rng = np.random.default_rng(7)
@@ -169,7 +169,7 @@ def test_deepseek_32_groups_every_config(tile, out_dtype):
     _run_and_check(a_q, a_s, b_q, b_s, offsets, out_dtype=out_dtype, tile=tile)
 
 
-@pytest.mark.parametrize("tile", ["64", "128", "swap32", "swap64"])
+@pytest.mark.parametrize("tile", ["64", "128", "swap32"])
 def test_f32_output_rounds_to_the_bf16_output(tile):
     """Same accumulation in both output types: the float32 result rounded to bf16 is the bf16
     result (allowing 1 ulp in case the epilogue's conversion rounds differently)."""
@@ -280,4 +280,4 @@ def test_unknown_tile_is_an_error():
     with pytest.raises(Exception, match="tile"):
         jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
                                    jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32),
-                                   tile=np.int32(9)))
+                                   tile=np.int32(7)))

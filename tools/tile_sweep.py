@@ -3,7 +3,7 @@ DeepSeek-V3 workloads of bench_moe.py, in one process per expert count. The conf
 GEMM's `tile` attribute, taken from JAX_MOE_GEMM_TILE when the op is traced, so every config
 gets its own trace (jax.clear_caches()).
 
-    python tools/tile_sweep.py [--tiles auto 64 128 swap32 swap64] [--reps 20]
+    python tools/tile_sweep.py [--tiles auto 64 128 swap32] [--reps 20]
 """
 import argparse
 import os
@@ -22,7 +22,7 @@ WORKLOADS = {256: [1, 16, 128, 2048, 8192], 32: [64, 512, 4096, 16384]}
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiles", nargs="+", default=["auto", "64", "128", "swap32", "swap64"])
+    ap.add_argument("--tiles", nargs="+", default=["auto", "64", "128", "swap32"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--local-experts", type=int, nargs="+", default=[256, 32])
     args = ap.parse_args()

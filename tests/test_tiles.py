@@ -1,0 +1,81 @@
+"""The grouped GEMM's tile config: names checked at trace time, each lowered to the kernel's
+`tile` attribute, and the pipeline's choice from the expected rows per local expert. Lowering
+only (the FFI targets are not registered), so these run without CUDA."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_moe
+from jax_moe import _native, api, ops
+
+FP8 = jnp.float8_e4m3fn
+
+def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
+    """The GEMM tile config (argument, else $JAX_MOE_GEMM_TILE) must be a known name; checked
+    before anything reaches the FFI target."""
+    a = jnp.zeros((8, 256), FP8)
+    b = jnp.zeros((2, 256, 256), FP8)
+    args = (a, jnp.ones((16,), jnp.float32), b, jnp.ones((2, 2, 2), jnp.float32),
+            jnp.array([0, 4, 8], jnp.int32))
+    with pytest.raises(ValueError, match="tile: expected one of .*got '96'"):
+        jax.eval_shape(functools.partial(ops.grouped_gemm_raw, tile="96"), *args)
+    monkeypatch.setenv(ops.TILE_ENV, "swap16")
+    with pytest.raises(ValueError, match="JAX_MOE_GEMM_TILE.*got 'swap16'"):
+        jax.eval_shape(ops.grouped_gemm_raw, *args)
+    assert {ops._gemm_tile(t) for t in ops.GEMM_TILES} == set(range(len(ops.GEMM_TILES)))
+
+
+def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
+    """Each config name lowers to its `tile` attribute (the kernel's Tile enum); the env var is
+    the default when no argument is given."""
+    monkeypatch.setattr(_native, "register_targets", lambda: None)  # lowering only, no CUDA
+    a = jnp.zeros((8, 256), FP8)
+    b = jnp.zeros((2, 256, 256), FP8)
+    args = (a, jnp.ones((16,), jnp.float32), b, jnp.ones((2, 2, 2), jnp.float32),
+            jnp.array([0, 4, 8], jnp.int32))
+
+    def attr(**kw):
+        text = jax.jit(lambda *x: ops.grouped_gemm_raw(*x, **kw)).lower(*args).as_text()
+        return [line.split("tile = ")[1].split(" ")[0] for line in text.splitlines() if "tile = " in line]
+
+    assert [attr(tile=t) for t in ("auto", "128", "64", "swap32")] == [["0"], ["1"], ["2"], ["3"]]
+    monkeypatch.setenv(ops.TILE_ENV, "swap32")
+    assert attr() == ["3"]
+
+
+def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
+    """The tile attributes of both GEMMs in the lowered CUDA pipeline."""
+    monkeypatch.setattr(_native, "register_targets", lambda: None)
+    h, i, k = 256, 128, 8
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, e, (t, k)), jnp.int32)
+    w = jnp.full((t, k), 0.125, jnp.bfloat16)
+    x = jnp.zeros((t, h), FP8)
+    xs = jnp.ones((h // 128, t), jnp.float32)
+    w1, w1s = jnp.zeros((e_loc, 2 * i, h), FP8), jnp.ones((e_loc, 2 * i // 128, h // 128), jnp.float32)
+    w2, w2s = jnp.zeros((e_loc, h, i), FP8), jnp.ones((e_loc, h // 128, i // 128), jnp.float32)
+    fn = functools.partial(api.run_experts, ops, num_experts=e, local_expert_offset=0,
+                           activation_type=jax_moe.ActivationType.Swiglu, do_finalize=True)
+    text = jax.jit(fn).lower(ids, w, x, xs, w1, w1s, w2, w2s).as_text()
+    return [int(line.split("tile = ")[1].split(" ")[0]) for line in text.splitlines()
+            if "jax_moe_grouped_gemm" in line and "tile = " in line]
+
+
+@pytest.mark.parametrize("t, e, e_loc, want", [
+    (1, 256, 256, "swap32"), (16, 256, 256, "swap32"), (512, 256, 32, "swap32"),  # <= 16 rows
+    (1024, 256, 32, "64"),                                                         # 32 rows
+    (2048, 256, 256, "128"), (4096, 256, 32, "128"),                               # >= 64 rows
+])
+def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc, want):
+    """rows per local expert = T*k/E (not T*k/E_loc: a local slice receives ~E_loc/E of the
+    rows); both GEMMs use the config of jax_moe.ops.gemm_tile_for."""
+    monkeypatch.delenv(ops.TILE_ENV, raising=False)
+    assert _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc) == [ops.GEMM_TILES[want]] * 2
+
+
+def test_pipeline_tile_env_override(monkeypatch):
+    monkeypatch.setenv(ops.TILE_ENV, "64")
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == [ops.GEMM_TILES["64"]] * 2
