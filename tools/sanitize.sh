@@ -10,7 +10,7 @@ san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 
 export XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD
 timeout "${SAN_TIMEOUT:-300}" "$san" --tool memcheck --error-exitcode 99 --print-limit 20 \
   python -m pytest -q -m gpu -p no:cacheprovider ${SAN_TESTS:-tests/test_gpu_gemm.py} -k "${SAN_K:-}" \
-  >"$out/sanitize.log" 2>&1
+  >"$out/${SAN_LOG:-sanitize}.log" 2>&1
 rc=$?
-grep -E "ERROR SUMMARY|Invalid|out of bounds|passed|failed" "$out/sanitize.log" | tail -8
+grep -E "ERROR SUMMARY|Invalid|out of bounds|passed|failed" "$out/${SAN_LOG:-sanitize}.log" | tail -8
 echo "sanitize: exit $rc (99 = memcheck found errors, 124 = timeout)"
