@@ -36,6 +36,7 @@ tiles rows by expert. If an expert-side input (weights, scales, bias, offset) is
 the rule falls back to `lax.map` over the batch.
 """
 import functools
+import operator
 from typing import NamedTuple, Optional
 
 import jax
@@ -61,6 +62,9 @@ class Config(NamedTuple):
     do_finalize: bool
     use_cuda: bool
     strict: bool
+    # local_expert_offset when it is a Python int: the forward passes it to the stages as a
+    # constant (the plan kernel takes it as an attribute instead of XLA shifting the ids)
+    static_offset: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- vmap by folding
@@ -251,6 +255,8 @@ def _backward_body(cfg, chunks, ids, weights, hidden, hidden_scale, w1, s1, w2, 
 # --------------------------------------------------------------------------- custom VJP
 def _forward_body(forward, cfg, chunks, *args):
     del chunks  # tokens are independent in the forward
+    if cfg.static_offset is not None:
+        args = args[:-1] + (cfg.static_offset,)
     return forward(cfg, *args)
 
 
@@ -314,6 +320,10 @@ def moe(forward, cfg, routing_a, routing_b, hidden_states, hidden_states_scale, 
     result is the public output (bf16 [T, H] or `MoEOutputs`). Routing inputs are
     (logits [T, E], bias [E] or None) or, with cfg.routed, (ids int32 [T, k], weights [T, k]);
     with cfg.float_hidden, `hidden_states` is float [T, H] and `hidden_states_scale` None."""
+    try:
+        cfg = cfg._replace(static_offset=operator.index(local_expert_offset))
+    except TypeError:  # traced, e.g. axis_index * E_loc inside shard_map
+        pass
     offset = jnp.asarray(local_expert_offset, jnp.int32)
     return _core(forward, cfg)(routing_a, routing_b, hidden_states, hidden_states_scale,
                                gemm1_weights, gemm1_weights_scale, gemm2_weights,

@@ -1,6 +1,7 @@
-"""The grouped GEMM's tile config: names checked at trace time, each lowered to the kernel's
-`tile` attribute, and the pipeline's choice from the expected rows per local expert. Lowering
-only (the FFI targets are not registered), so these run without CUDA."""
+"""What the CUDA pipeline lowers to: the grouped GEMM's tile config (names checked at trace
+time, each lowered to the kernel's `tile` attribute, the pipeline's choice from the expected rows
+per local expert) and the plan's expert-offset attribute. Lowering only (the FFI targets are not
+registered), so these run without CUDA."""
 import functools
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 
 import jax_moe
 from jax_moe import _native, api, ops
+from jax_moe.testing import random_moe_inputs
 
 FP8 = jnp.float8_e4m3fn
 
@@ -79,3 +81,25 @@ def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc
 def test_pipeline_tile_env_override(monkeypatch):
     monkeypatch.setenv(ops.TILE_ENV, "64")
     assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == [ops.GEMM_TILES["64"]] * 2
+
+
+@pytest.mark.parametrize("offset", [0, 24])
+def test_static_offset_reaches_the_plan_kernel(monkeypatch, offset):
+    """A Python-int local_expert_offset goes to jax_moe_plan as attributes (expert_offset,
+    num_experts), with no XLA ops shifting the ids between route and plan; this holds through
+    the custom_vjp wrapper, which passes the offset on as an array."""
+    monkeypatch.setattr(_native, "register_targets", lambda: None)
+    monkeypatch.setattr(api, "_use_cuda", lambda backend: True)
+    e, e_loc, t = 64, 8, 4
+    w = random_moe_inputs(jax.random.PRNGKey(0), num_tokens=t, hidden_size=256,
+                          intermediate_size=128, num_experts=e,
+                          local_num_experts=e_loc)
+    f = functools.partial(jax_moe.fp8_block_scale_moe, top_k=8, n_group=8, topk_group=4,
+                          routed_scaling_factor=2.5, local_expert_offset=offset)
+    lines = jax.jit(f).lower(*w).as_text().splitlines()
+    plan = [line for line in lines if "@jax_moe_plan" in line]
+    assert len(plan) == 1
+    assert f"expert_offset = {offset} : i32" in plan[0] and f"num_experts = {e} : i32" in plan[0]
+    ops_before_plan = lines[[i for i, line in enumerate(lines) if "@jax_moe_route" in line][0] + 1:
+                            lines.index(plan[0])]
+    assert not [line for line in ops_before_plan if "stablehlo." in line], ops_before_plan
