@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # ncu of every kernel in one call of the op: duration, DRAM bytes, throughputs.
 #   bash tools/ncu_probe.sh "1 128 8192" [local_experts]
-# Slow: ~5 min per size on the H100 (the process is under ncu from the start, though only one
-# call of the op is profiled), so give it one or two sizes per device call.
+# XLA's memory preallocation is off: with it, ncu's kernel replay cannot save the memory a large
+# GEMM writes (the T=8192 profile fails) and every size takes ~5 min; without it ~20 s.
 set -uo pipefail
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 out=${OUT:-/tmp}
 M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__registers_per_thread
 for t in $1; do
