@@ -61,9 +61,9 @@ constexpr int kBlock = 128;  // scale block along K (and N for the weights)
 // second translation unit would redo ~60 s of it.
 // --------------------------------------------------------------------------------------------
 // SwapAB_: the kernel computes d^T = b . a^T per group -- the weights are CUTLASS's A (the
-// 128-row M tiles run over the N output columns) and the token rows are its B (the N tile, 16 to
-// 64 rows, runs over the group's rows), so a group pads to the small N tile instead of a
-// 64/128-row M tile while both math warpgroups stay busy. d^T is stored column-major, which
+// 128-row M tiles run over the N output columns) and the token rows are its B (the 32-row N
+// tile runs over the group's rows), so a group pads to 32 rows instead of a 64/128-row M tile
+// while both math warpgroups stay busy. d^T is stored column-major, which
 // is d row-major: the memory layouts of a, b, d and of both scale arrays are unchanged.
 template <class ElementD_, class TileShape_, class ClusterShape_, class KernelSchedule_,
           class EpilogueSchedule_, bool SwapAB_ = false>
