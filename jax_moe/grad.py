@@ -177,8 +177,8 @@ def _backward_body(cfg, chunks, ids, weights, hidden, hidden_scale, w1, s1, w2, 
         hq, hs = quant.quantize_activations(hidden)
     else:
         hq, hs = hidden, hidden_scale
-    local = ids - offset.astype(jnp.int32)
-    valid = (ids >= 0) & (ids < cfg.num_experts) & (local >= 0) & (local < e_loc)
+    local = reference.local_expert_ids(ids, offset, cfg.num_experts)
+    valid = (local >= 0) & (local < e_loc)
     chunk = (jnp.arange(t, dtype=jnp.int32) // (t // chunks))[:, None]
     p = reference.plan(jnp.where(valid, chunk * e_loc + local, -1), groups)
     rows, row_scales = reference.permute(hq, hs, p, k)

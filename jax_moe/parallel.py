@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import _checks, api, routing
+from . import _checks, api, reference, routing
 from .api import MoEOutputs
 from .enums import ActivationType, RoutingMethodType
 from .routing import unpack_topk
@@ -113,11 +113,7 @@ def _ep_geometry(axis_name, num_experts, gemm1_weights):
 
 def _varying(x, axes):
     """Marks x as varying over `axes` (for shard_map's check_vma) unless it already is."""
-    aval = jax.typeof(x)
-    have = getattr(aval, "vma", None)  # jax < 0.10
-    if have is None:
-        have = getattr(getattr(aval, "manual_axis_type", None), "varying", None) or ()
-    have = set(have)
+    have = set(reference.varying_axes(jax.typeof(x)))
     missing = tuple(a for a in axes if a not in have)
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
@@ -142,16 +138,6 @@ def _check_token_mask(token_mask, t):
     return token_mask
 
 
-def _combine(per_slot, topk_weights, out_dtype=jnp.bfloat16):
-    """SPEC section 3 step 6: bf16 [T, k, H] expert outputs -> [T, H] = sum_j float32(w[t, j]) *
-    float32(y[t, j]) summed in float32 in slot order, then cast to `out_dtype` (bf16)."""
-    w = topk_weights.astype(jnp.float32)
-    acc = jnp.zeros((per_slot.shape[0], per_slot.shape[2]), jnp.float32)
-    for j in range(per_slot.shape[1]):
-        acc = acc + w[:, j, None] * per_slot[:, j].astype(jnp.float32)
-    return acc.astype(out_dtype)
-
-
 # ----------------------------------------------------------------------------- psum modes
 def _local_finalize(reduce_dtype):
     """psum modes: with a reduce dtype wider than bf16 the shards' partial sums are formed from
@@ -162,7 +148,7 @@ def _local_finalize(reduce_dtype):
 def _psum_combine(out, axis_name, mode, do_finalize, reduce_dtype, token_mask):
     scatter = mode == "psum_scatter"
     if do_finalize and not _local_finalize(reduce_dtype):
-        out = _combine(out.expert_outputs, out.topk_weights, jnp.dtype(reduce_dtype))
+        out = reference.combine_slots(out.expert_outputs, out.topk_weights, jnp.dtype(reduce_dtype))
 
     def reduce(x, dtype):
         x = x.astype(dtype)
@@ -379,7 +365,7 @@ def _all_to_all_moe(ids, weights, hidden_states, hidden_states_scale, gemm1_weig
             per_slot = _dense_exchange(cap, -(-bound // cap), stuff, compute)
         per_slot = per_slot.reshape(t, k, h)
     if do_finalize:
-        return _combine(per_slot, weights)
+        return reference.combine_slots(per_slot, weights)
     return MoEOutputs(per_slot, weights, ids)
 
 

@@ -173,8 +173,14 @@ def finalize(y, p: Plan, topk_weights, do_finalize=True):
     per_slot = jnp.where(local[..., None], y[jnp.maximum(rows, 0)], jnp.zeros((), y.dtype))
     if not do_finalize:
         return per_slot.astype(jnp.bfloat16)
+    return combine_slots(per_slot, topk_weights)
+
+
+def combine_slots(per_slot, topk_weights, out_dtype=jnp.bfloat16):
+    """SPEC section 3 step 6: expert outputs [T, k, H] -> [T, H] = sum_j float32(w[t, j]) *
+    float32(y[t, j]), summed in float32 in slot order (slot 0 first), cast to `out_dtype`."""
     w = topk_weights.astype(jnp.float32)
-    acc = jnp.zeros((t, y.shape[-1]), jnp.float32)
-    for j in range(k):  # fixed summation order, slot 0 first
+    acc = jnp.zeros((per_slot.shape[0], per_slot.shape[2]), jnp.float32)
+    for j in range(per_slot.shape[1]):
         acc = acc + w[:, j, None] * per_slot[:, j].astype(jnp.float32)
-    return acc.astype(jnp.bfloat16)
+    return acc.astype(out_dtype)
