@@ -16,6 +16,23 @@ KW = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
           routing_method_type=jax_moe.RoutingMethodType.DeepSeekV3)
 
 
+def deepseek_weights(local_experts):
+    """Random DeepSeek-V3 expert weights (and routing bias) for `local_experts` of 256."""
+    return random_moe_inputs(jax.random.PRNGKey(0), num_tokens=1, hidden_size=H, intermediate_size=I,
+                             num_experts=E, local_num_experts=local_experts)
+
+
+def token_sets(w, t, n_sets=2):
+    """`n_sets` argument tuples of fp8_block_scale_moe: fresh logits and hidden states of T
+    tokens each, with the weights of `w`."""
+    sets = []
+    for s in range(n_sets):
+        logits = jax.random.normal(jax.random.PRNGKey(100 + s), (t, E), jnp.float32)
+        xq, xs = jax_moe.quantize_activations(jax.random.normal(jax.random.PRNGKey(200 + s), (t, H)))
+        sets.append((logits, w.routing_bias, xq, xs) + tuple(w[4:]))
+    return sets
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[128])
@@ -24,15 +41,10 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="after warm-up, run one call between cudaProfilerStart/Stop (ncu --profile-from-start off)")
     args = ap.parse_args()
-    w = random_moe_inputs(jax.random.PRNGKey(0), num_tokens=1, hidden_size=H, intermediate_size=I,
-                          num_experts=E, local_num_experts=args.local_experts)
+    w = deepseek_weights(args.local_experts)
     fn = jax.jit(lambda *a: jax_moe.fp8_block_scale_moe(*a, **KW))
     for t in args.tokens:
-        sets = []
-        for s in range(2):
-            logits = jax.random.normal(jax.random.PRNGKey(100 + s), (t, E), jnp.float32)
-            xq, xs = jax_moe.quantize_activations(jax.random.normal(jax.random.PRNGKey(200 + s), (t, H)))
-            sets.append((logits, w.routing_bias, xq, xs) + tuple(w[4:]))
+        sets = token_sets(w, t)
         if args.profile:
             import torch  # only for cudaProfilerStart/Stop on the primary context JAX shares
             for i in range(3):

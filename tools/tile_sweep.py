@@ -9,14 +9,11 @@ import argparse
 import os
 
 import jax
-import jax.numpy as jnp
 
 import jax_moe
-from jax_moe.testing import device_time, random_moe_inputs
+from jax_moe.testing import device_time
+from probe_moe import E, KW, deepseek_weights, token_sets  # tools/ is the script's directory
 
-H, I, E = 7168, 2048, 256
-KW = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
-          routing_method_type=jax_moe.RoutingMethodType.DeepSeekV3)
 WORKLOADS = {256: [1, 16, 128, 2048, 8192], 32: [64, 512, 4096, 16384]}
 
 
@@ -28,16 +25,10 @@ def main():
     args = ap.parse_args()
     print("tile-sweep  E_loc      T  rows/grp  " + "  ".join(f"{t:>8}" for t in args.tiles) + "   (ms)")
     for e_loc in args.local_experts:
-        w = random_moe_inputs(jax.random.PRNGKey(0), num_tokens=1, hidden_size=H,
-                              intermediate_size=I, num_experts=E, local_num_experts=e_loc)
+        w = deepseek_weights(e_loc)
         fn = jax.jit(lambda *a: jax_moe.fp8_block_scale_moe(*a, **KW))
         for t in WORKLOADS[e_loc]:
-            sets = []
-            for s in range(2):
-                logits = jax.random.normal(jax.random.PRNGKey(100 + s), (t, E), jnp.float32)
-                xq, xs = jax_moe.quantize_activations(
-                    jax.random.normal(jax.random.PRNGKey(200 + s), (t, H)))
-                sets.append((logits, w.routing_bias, xq, xs) + tuple(w[4:]))
+            sets = token_sets(w, t)
             ms = []
             for tile in args.tiles:
                 if tile == "auto":
@@ -47,7 +38,7 @@ def main():
                 jax.clear_caches()
                 ms.append(device_time(fn, sets, args.reps) * 1e3)
             os.environ.pop("JAX_MOE_GEMM_TILE", None)
-            rows = t * 8 * e_loc / E / e_loc
+            rows = t * KW["top_k"] / E
             print(f"tile-sweep  {e_loc:5d}  {t:5d}  {rows:8.1f}  " + "  ".join(f"{m:8.3f}" for m in ms),
                   flush=True)
 
