@@ -233,10 +233,14 @@ def test_zero_rows(out_dtype):
 
 
 # ----------------------------------------------------------------------------- errors
+def _error_operands(k=256):
+    """(m, g, n, a, b): 8 rows, 2 groups, N = 256, fp8 zeros (the call must fail before use)."""
+    m, g, n = 8, 2, 256
+    return m, g, n, jnp.zeros((m, k), jnp.float8_e4m3fn), jnp.zeros((g, n, k), jnp.float8_e4m3fn)
+
+
 def test_k_not_multiple_of_128_is_an_error():
-    m, g, n, k = 8, 2, 256, 192
-    a = jnp.zeros((m, k), jnp.float8_e4m3fn)
-    b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
+    m, g, n, a, b = _error_operands(k=192)
     with pytest.raises(Exception, match="multiple of 128"):
         jax.block_until_ready(ops.grouped_gemm_raw(
             a, jnp.ones((m,), jnp.float32), b, jnp.ones((g, 2, 1), jnp.float32),
@@ -244,9 +248,7 @@ def test_k_not_multiple_of_128_is_an_error():
 
 
 def test_float16_output_is_an_error():
-    m, g, n, k = 8, 2, 256, 256
-    a = jnp.zeros((m, k), jnp.float8_e4m3fn)
-    b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
+    m, g, n, a, b = _error_operands()
     with pytest.raises(Exception, match="bfloat16 or float32"):
         jax.block_until_ready(ops.grouped_gemm_raw(
             a, jnp.ones((m * 2,), jnp.float32), b, jnp.ones((g, 2, 2), jnp.float32),
@@ -254,9 +256,7 @@ def test_float16_output_is_an_error():
 
 
 def test_workspace_too_small_is_an_error():
-    m, g, n, k = 8, 2, 256, 256
-    a = jnp.zeros((m, k), jnp.float8_e4m3fn)
-    b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
+    m, g, n, a, b = _error_operands()
     call = jax.ffi.ffi_call(
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.uint8)))
@@ -267,9 +267,7 @@ def test_workspace_too_small_is_an_error():
 
 
 def test_unknown_tile_is_an_error():
-    m, g, n, k = 8, 2, 256, 256
-    a = jnp.zeros((m, k), jnp.float8_e4m3fn)
-    b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
+    m, g, n, a, b = _error_operands()
     with pytest.raises(ValueError, match="tile"):
         ops.grouped_gemm_raw(a, jnp.ones((m * 2,), jnp.float32), b, jnp.ones((g, 2, 2), jnp.float32),
                              jnp.array([0, 4, 8], jnp.int32), tile="256")
