@@ -207,10 +207,7 @@ ffi::Error ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer g,
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*scales, "act_quant scales (output)", {m * inter / 128}));
   if (m == 0 || inter == 0) return ffi::Error::Success();
 
-  const int64_t units = m * (inter / 128);
-  const int64_t needed = (units + kUnitsPerBlock - 1) / kUnitsPerBlock;
-  const int64_t cap = static_cast<int64_t>(NumSms()) * 16;
-  const unsigned grid = static_cast<unsigned>(needed < cap ? needed : cap);
+  const unsigned grid = GridStrideBlocks(m * (inter / 128), kUnitsPerBlock);  // (row, block) units
   const size_t smem = (num_groups + 1) * sizeof(int);
   auto* qp = static_cast<__nv_fp8_storage_t*>(q->untyped_data());
   auto launch = g_type == ffi::DataType::F32 ? LaunchActQuant<float> : LaunchActQuant<__nv_bfloat16>;

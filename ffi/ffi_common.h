@@ -92,6 +92,14 @@ inline int NumSms() {
   return cached[dev];
 }
 
+// Grid of a grid-stride kernel: enough blocks for `items` at `items_per_block` each, at most 16
+// per SM (the blocks loop over the rest).
+inline unsigned GridStrideBlocks(int64_t items, int64_t items_per_block) {
+  const int64_t needed = (items + items_per_block - 1) / items_per_block;
+  const int64_t cap = static_cast<int64_t>(NumSms()) * 16;
+  return static_cast<unsigned>(needed < cap ? needed : cap);
+}
+
 #ifdef __CUDACC__
 // Group g of row r in a grouped row buffer: the largest g in [0, num_groups) with
 // offsets[g] <= r (empty groups before a non-empty one are skipped). `offsets` has

@@ -344,9 +344,7 @@ ffi::Error PermuteImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<f
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_scales, "row_scales (output)", {m * h / 128}));
   if (m == 0 || h == 0) return ffi::Error::Success();
 
-  const int64_t blocks_needed = (m + kPermuteWarps - 1) / kPermuteWarps;
-  const int64_t max_blocks = static_cast<int64_t>(NumSms()) * 16;
-  const unsigned grid = static_cast<unsigned>(blocks_needed < max_blocks ? blocks_needed : max_blocks);
+  const unsigned grid = GridStrideBlocks(m, kPermuteWarps);  // one warp per row
   PermuteKernel<<<grid, kPermuteWarps * 32, (e + 1) * sizeof(int), stream>>>(
       static_cast<const uint8_t*>(hidden.untyped_data()), hidden_scale.typed_data(),
       row_to_slot.typed_data(), offsets.typed_data(), e, t, top_k, h,
