@@ -32,14 +32,7 @@ __device__ __forceinline__ float GeluTanh(float x) {
 
 // 8 consecutive values at p (16-byte aligned for bf16, 32-byte for float) -> float32.
 __device__ __forceinline__ void Load8(const __nv_bfloat16* p, float* f) {
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 x = __bfloat1622float2(h[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
+  UnpackBf16x8(*reinterpret_cast<const uint4*>(p), f);
 }
 
 __device__ __forceinline__ void Load8(const float* p, float* f) {

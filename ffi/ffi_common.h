@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#endif
 
 #include <cstdint>
 #include <string>
@@ -111,6 +114,21 @@ __device__ __forceinline__ int FindGroup(const int* offsets, int num_groups, int
     if (offsets[mid] <= r) lo = mid + 1; else hi = mid;
   }
   return lo - 1;
+}
+
+// float32 value of a float or bfloat16 element (exact).
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// 8 bfloat16 packed in 16 bytes -> 8 float32.
+__device__ __forceinline__ void UnpackBf16x8(const uint4& v, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 x = __bfloat1622float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
 }
 #endif
 

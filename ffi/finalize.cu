@@ -14,16 +14,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ void Unpack8(const uint4& v, float* f) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 x = __bfloat1622float2(p[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-
 __device__ __forceinline__ uint4 Pack8(const float* f) {
   uint4 v;
   __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
@@ -31,9 +21,6 @@ __device__ __forceinline__ uint4 Pack8(const float* f) {
   for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
   return v;
 }
-
-__device__ __forceinline__ float ToFloat(float x) { return x; }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // One thread per (token, 8-column vector). W: float or __nv_bfloat16 (widened exactly).
 template <class W>
@@ -53,7 +40,7 @@ __global__ void __launch_bounds__(kThreads)
     if (row < 0 || row >= num_rows) continue;
     const float wt = ToFloat(w[t * top_k + j]);
     float x[8];
-    Unpack8(y[row * vecs_per_row + v], x);
+    UnpackBf16x8(y[row * vecs_per_row + v], x);
 #pragma unroll
     for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(wt, x[c]));
   }

@@ -80,15 +80,6 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ float ToFloat(T v);
-template <>
-__device__ __forceinline__ float ToFloat<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float ToFloat<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
 // S: register slots per lane (experts per lane), E <= 32 * S.
 template <typename LogitT, int S>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
