@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -140,6 +141,19 @@ template <class ElementD>
 using SwapConfig = GroupedGemmConfig<ElementD, Shape<_128, _32, _128>, Shape<_1, _1, _1>,
                                      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
                                      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative, true>;
+
+#ifdef JAX_MOE_GEMM_EXPERIMENTS
+// Experiment builds only (-DJAX_MOE_GEMM_EXPERIMENTS=ON): the 128x128 cooperative tile with
+// clusters of 2 along M (the weights' N tile multicast to both M tiles of a group) and 2x2.
+template <class ElementD>
+using BigM2Config = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+                                      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                                      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+template <class ElementD>
+using BigM2N2Config = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, Shape<_2, _2, _1>,
+                                        cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                                        cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+#endif
 
 // "auto" on the average rows per group M/G (the same thresholds as jax_moe.ops.gemm_tile_for,
 // measured with tools/tile_sweep.py): swapped 32-token tiles up to 16 rows, 64-row ping-pong
@@ -281,6 +295,14 @@ typename Cfg::Gemm::Arguments MakeArguments(const GroupArrays<Cfg>& arr, int num
        arr.layout_sfb},
       {{}, nullptr, nullptr, arr.ptr_d, arr.stride_d},
       hw};
+#ifdef JAX_MOE_GEMM_EXPERIMENTS
+  // Experiment builds: the tile scheduler's raster order (0 along M, 1 along N) and swizzle.
+  if (const char* r = std::getenv("JAX_MOE_EXP_RASTER")) {
+    using Raster = decltype(args.scheduler.raster_order);
+    args.scheduler.raster_order = std::atoi(r) == 1 ? Raster::AlongN : Raster::AlongM;
+  }
+  if (const char* sw = std::getenv("JAX_MOE_EXP_SWIZZLE")) args.scheduler.max_swizzle_size = std::atoi(sw);
+#endif
   auto& fusion = args.epilogue.thread;
   fusion.alpha = 1.0f;
   fusion.beta = 0.0f;
@@ -349,7 +371,12 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
 // Tile configs, the handler's `tile` attribute (jax_moe/ops.py GEMM_TILES lists the same
 // numbers): 0 = auto (from the rows per group), 1 = cooperative 128x128, 2 = ping-pong 64x128,
 // 3 = swapped operands with 32 token rows per tile.
-enum Tile : int32_t { kAuto = 0, kBig = 1, kSmall = 2, kSwap32 = 3 };
+enum Tile : int32_t { kAuto = 0, kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5 };
+#ifdef JAX_MOE_GEMM_EXPERIMENTS
+constexpr int32_t kMaxTile = kBigM2N2;
+#else
+constexpr int32_t kMaxTile = kSwap32;
+#endif
 
 // --------------------------------------------------------------------------------------------
 // The handler.
@@ -359,8 +386,9 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                            ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> d,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
-  if (tile < kAuto || tile > kSwap32)
-    return InvalidArgument(std::string(op) + ": tile: expected 0..3, got " + std::to_string(tile));
+  if (tile < kAuto || tile > kMaxTile)
+    return InvalidArgument(std::string(op) + ": tile: expected 0.." + std::to_string(kMaxTile) + ", got " +
+                           std::to_string(tile));
   if (!IsFp8E4M3(a)) return InvalidArgument(std::string(op) + ": a: dtype must be float8_e4m3fn");
   if (!IsFp8E4M3(b)) return InvalidArgument(std::string(op) + ": b: dtype must be float8_e4m3fn");
   const bool f32_out = d->element_type() == ffi::DataType::F32;
@@ -401,6 +429,10 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
     switch (tile) {
       case kSwap32: return run(SwapConfig<D>{});
       case kSmall: return run(SmallConfig<D>{});
+#ifdef JAX_MOE_GEMM_EXPERIMENTS
+      case kBigM2: return run(BigM2Config<D>{});
+      case kBigM2N2: return run(BigM2N2Config<D>{});
+#endif
       default: return run(BigConfig<D>{});
     }
   };

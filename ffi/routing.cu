@@ -1,8 +1,9 @@
 // jax_moe_route: top-k routing of SPEC section 2, one warp per token.
 //
-// Expert e of a token lives in lane e % 32, register slot e / 32. Every selection is an
-// iterative warp argmax over 64-bit keys (ordered value bits << 32 | ~index), so a larger value
-// wins and, on equal values, the smaller expert index wins. NaN ranks above every number (as
+// Expert e of a token lives in lane e % 32, register slot e / 32. Values compare through their
+// ordered bits (an unsigned integer order equal to the float order), so a selection is a warp
+// max of values, then of ~index among the lanes holding the max: a larger value wins and, on
+// equal values, the smaller expert index wins. NaN ranks above every number (as
 // lax.top_k does); -0 and +0 compare equal. Everything stays inside the token's warp, so a NaN
 // row cannot affect another row.
 #include <cuda_bf16.h>
@@ -46,27 +47,15 @@ __device__ __forceinline__ uint32_t OrderedBits(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+__device__ __forceinline__ float FromOrderedBits(uint32_t u) {
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
 // Valid keys are > 0 (the ordered bits of -inf are 0x007fffff); 0 means "not a candidate".
 __device__ __forceinline__ uint64_t MakeKey(float v, int idx) {
   return (static_cast<uint64_t>(OrderedBits(v)) << 32) | static_cast<uint32_t>(~idx);
 }
 
-__device__ __forceinline__ int KeyIndex(uint64_t key) {
-  return static_cast<int>(~static_cast<uint32_t>(key & 0xffffffffu));
-}
-
-// Warp-wide max of (key, aux); every lane ends with the winner.
-__device__ __forceinline__ void WarpArgMax(uint64_t& key, float& aux) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    uint64_t ok = __shfl_xor_sync(kFull, key, o);
-    float oa = __shfl_xor_sync(kFull, aux, o);
-    if (ok > key) {
-      key = ok;
-      aux = oa;
-    }
-  }
-}
 
 __device__ __forceinline__ float WarpMax(float v) {
 #pragma unroll
@@ -153,87 +142,117 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       break;
   }
 
-  // Candidate keys, built once; 0 = not a candidate (absent, masked or already taken).
-  uint64_t key[S];
+  // Candidates as ordered value bits, built once; 0 = not a candidate (absent or masked).
+  uint32_t cand[S];
 #pragma unroll
-  for (int i = 0; i < S; ++i) key[i] = (present & (1u << i)) ? MakeKey(sel[i], i * 32 + lane) : 0;
+  for (int i = 0; i < S; ++i) cand[i] = (present & (1u << i)) ? OrderedBits(sel[i]) : 0u;
 
   // DeepSeekV3 group-limited selection: group score = sum of the 2 largest biased scores
-  // (as a multiset: two equal maxima both count).
+  // (as a multiset: two equal maxima both count; NaN scores are skipped).
   if (p.method == kDeepSeekV3 && p.n_group > 1) {
     const int pg = E / p.n_group;
-    int grp[S];
-#pragma unroll
-    for (int i = 0; i < S; ++i) grp[i] = (i * 32 + lane) / pg;
     float gscore[8];
+    if (pg == 32) {
+      // Group g is register slot g of every lane (DeepSeek-V3: 256 experts, 8 groups): its top
+      // two are one warp max, a ballot for a tie at the max, and a second warp max.
 #pragma unroll
-    for (int g = 0; g < 8; ++g) {
-      float b1 = -INFINITY, b2 = -INFINITY;
-      if (g < p.n_group) {  // uniform across the warp
+      for (int g = 0; g < 8; ++g) {
+        float b1 = -INFINITY, b2 = -INFINITY;
+        if (g < S && g < p.n_group) {  // uniform across the warp
+          const float v = sel[g < S ? g : 0];
+          const uint32_t ob = OrderedBits(v != v ? -INFINITY : v);
+          const uint32_t m1 = __reduce_max_sync(kFull, ob);
+          const uint32_t m2 = __popc(__ballot_sync(kFull, ob == m1)) > 1
+                                  ? m1
+                                  : __reduce_max_sync(kFull, ob == m1 ? 0u : ob);
+          b1 = FromOrderedBits(m1);
+          b2 = FromOrderedBits(m2);
+        }
+        gscore[g] = b1 + b2;
+      }
+    } else {
+      int grp[S];
 #pragma unroll
-        for (int i = 0; i < S; ++i) {
-          if ((present & (1u << i)) && grp[i] == g) {
-            const float v = sel[i];
-            if (v > b1) {
-              b2 = b1;
-              b1 = v;
-            } else if (v > b2) {
-              b2 = v;
+      for (int i = 0; i < S; ++i) grp[i] = (i * 32 + lane) / pg;
+#pragma unroll
+      for (int g = 0; g < 8; ++g) {
+        float b1 = -INFINITY, b2 = -INFINITY;
+        if (g < p.n_group) {  // uniform across the warp
+#pragma unroll
+          for (int i = 0; i < S; ++i) {
+            if ((present & (1u << i)) && grp[i] == g) {
+              const float v = sel[i];
+              if (v > b1) {
+                b2 = b1;
+                b1 = v;
+              } else if (v > b2) {
+                b2 = v;
+              }
             }
           }
-        }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          const float o1 = __shfl_xor_sync(kFull, b1, o);
-          const float o2 = __shfl_xor_sync(kFull, b2, o);
-          const float n2 = fmaxf(fminf(b1, o1), fmaxf(b2, o2));
-          b1 = fmaxf(b1, o1);
-          b2 = n2;
+          for (int o = 16; o > 0; o >>= 1) {
+            const float o1 = __shfl_xor_sync(kFull, b1, o);
+            const float o2 = __shfl_xor_sync(kFull, b2, o);
+            const float n2 = fmaxf(fminf(b1, o1), fmaxf(b2, o2));
+            b1 = fmaxf(b1, o1);
+            b2 = n2;
+          }
         }
+        gscore[g] = pg >= 2 ? b1 + b2 : b1;
       }
-      gscore[g] = pg >= 2 ? b1 + b2 : b1;
     }
     // Keep the topk_group best groups, ties to the lower group (every lane computes the same).
+    uint64_t gkey[8];
+#pragma unroll
+    for (int g = 0; g < 8; ++g) gkey[g] = g < p.n_group ? MakeKey(gscore[g], g) : 0;
     uint32_t kept = 0;
     for (int r = 0; r < p.topk_group; ++r) {
       uint64_t best = 0;
       int best_g = 0;
 #pragma unroll
       for (int g = 0; g < 8; ++g) {
-        if (g < p.n_group && !(kept & (1u << g))) {
-          const uint64_t kk = MakeKey(gscore[g], g);
-          if (kk > best) {
-            best = kk;
-            best_g = g;
-          }
+        if (!(kept & (1u << g)) && gkey[g] > best) {
+          best = gkey[g];
+          best_g = g;
         }
       }
       kept |= 1u << best_g;
     }
 #pragma unroll
     for (int i = 0; i < S; ++i) {
-      const bool keep = (present & (1u << i)) && grp[i] < 8 && (kept & (1u << grp[i]));
-      if (!keep) key[i] = 0;
+      const int grp = (i * 32 + lane) / pg;
+      if (grp >= 8 || !(kept & (1u << grp))) cand[i] = 0;
     }
   }
 
-  // Iterative top-k: lane j keeps the j-th selection.
+  // Iterative top-k: lane j keeps the j-th selection. Per round each lane offers its best
+  // untaken candidate (strict > in slot order: on a tie, the lower slot, i.e. the lower expert);
+  // the warp maximum of the values and then, among the lanes holding that value, of ~expert
+  // (the smaller expert wins) are two redux.sync instructions; the winner's lane hands over
+  // its aux value.
   int my_id = 0;
   float my_val = 0.0f;
-  uint32_t taken = 0;  // bit i: slot i already selected (a mask keeps key[] in registers)
+  uint32_t taken = 0;  // bit i: slot i already selected (a mask keeps cand[] in registers)
   for (int j = 0; j < k; ++j) {
-    uint64_t best = 0;
+    uint32_t best = 0;
+    int best_slot = 0;
     float val = 0.0f;
 #pragma unroll
     for (int i = 0; i < S; ++i) {
-      if (!(taken & (1u << i)) && key[i] > best) {
-        best = key[i];
+      const uint32_t c = (taken & (1u << i)) ? 0u : cand[i];
+      if (c > best) {
+        best = c;
+        best_slot = i;
         val = aux[i];
       }
     }
-    WarpArgMax(best, val);
-    int id = best ? KeyIndex(best) : 0;  // best == 0 cannot happen for valid parameters
+    const uint32_t max_val = __reduce_max_sync(kFull, best);
+    const uint32_t not_id = (best != 0 && best == max_val) ? ~static_cast<uint32_t>(best_slot * 32 + lane) : 0u;
+    const uint32_t max_not_id = __reduce_max_sync(kFull, not_id);
+    int id = max_val ? static_cast<int>(~max_not_id) : 0;  // no candidate: impossible for valid parameters
     if (id < 0 || id >= E) id = 0;
+    val = __shfl_sync(kFull, val, id & 31);
     if ((id & 31) == lane) taken |= 1u << (id >> 5);
     if (lane == j) {
       my_id = id;

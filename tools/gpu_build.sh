@@ -6,6 +6,7 @@ set -euo pipefail
 log=${OUT:-/tmp}
 python -c "import cutlass_library" 2>/dev/null || python -m pip install -q --no-deps .deps/nvidia_cutlass-*.whl
 cmake -S . -B build/dev -G Ninja -DJAX_MOE_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+  -DJAX_MOE_GEMM_EXPERIMENTS=${GEMM_EXPERIMENTS:-OFF} \
   -DPython_EXECUTABLE="$(command -v python)" >"$log/cmake.log" 2>&1 || { tail -30 "$log/cmake.log"; exit 1; }
 start=$(date +%s)
 if ! cmake --build build/dev -j "$(nproc)" >"$log/build.log" 2>&1; then

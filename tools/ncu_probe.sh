@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ncu of every kernel in one call of the op: duration, DRAM bytes, throughputs.
-#   bash tools/ncu_probe.sh "1 128 8192" [local_experts]
+#   bash tools/ncu_probe.sh "1 128 8192" [local_experts]   (NCU_CACHE=none: keep caches warm)
 # XLA's memory preallocation is off: with it, ncu's kernel replay cannot save the memory a large
 # GEMM writes (the T=8192 profile fails) and every size takes ~5 min; without it ~20 s.
 set -uo pipefail
@@ -9,7 +9,7 @@ out=${OUT:-/tmp}
 M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__registers_per_thread
 for t in $1; do
   f=$out/ncu_t${t}_e${2:-256}.csv
-  ncu --profile-from-start off --clock-control none --metrics $M --csv --page raw \
+  ncu --profile-from-start off --clock-control none --cache-control ${NCU_CACHE:-all} --metrics $M --csv --page raw \
     python tools/probe_moe.py --tokens $t --local-experts ${2:-256} --profile > $f 2> $out/ncu_err_$t.log
   echo "== T=$t E_loc=${2:-256}"
   python - $f <<'PY'
