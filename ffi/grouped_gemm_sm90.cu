@@ -155,12 +155,6 @@ using BigM2N2Config = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, Shape
                                         cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
 #endif
 
-// "auto" on the average rows per group M/G (the same thresholds as jax_moe.ops.gemm_tile_for,
-// measured with tools/tile_sweep.py): swapped 32-token tiles up to 16 rows, 64-row ping-pong
-// tiles up to 32, cooperative 128x128 tiles beyond.
-constexpr int64_t kSwap32MaxRowsPerGroup = 16;
-constexpr int64_t kSmallConfigMaxRowsPerGroup = 32;
-
 // --------------------------------------------------------------------------------------------
 // Per-group argument arrays in the workspace (offsets computed on the host from G only).
 // --------------------------------------------------------------------------------------------
@@ -369,9 +363,9 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
 }
 
 // Tile configs, the handler's `tile` attribute (jax_moe/ops.py GEMM_TILES lists the same
-// numbers): 0 = auto (from the rows per group), 1 = cooperative 128x128, 2 = ping-pong 64x128,
-// 3 = swapped operands with 32 token rows per tile.
-enum Tile : int32_t { kAuto = 0, kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5 };
+// numbers and chooses one per call, "auto" included): 1 = cooperative 128x128, 2 = ping-pong
+// 64x128, 3 = swapped operands with 32 token rows per tile; 4, 5 in experiment builds.
+enum Tile : int32_t { kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5 };
 #ifdef JAX_MOE_GEMM_EXPERIMENTS
 constexpr int32_t kMaxTile = kBigM2N2;
 #else
@@ -386,8 +380,8 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                            ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> d,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
-  if (tile < kAuto || tile > kMaxTile)
-    return InvalidArgument(std::string(op) + ": tile: expected 0.." + std::to_string(kMaxTile) + ", got " +
+  if (tile < kBig || tile > kMaxTile)
+    return InvalidArgument(std::string(op) + ": tile: expected 1.." + std::to_string(kMaxTile) + ", got " +
                            std::to_string(tile));
   if (!IsFp8E4M3(a)) return InvalidArgument(std::string(op) + ": a: dtype must be float8_e4m3fn");
   if (!IsFp8E4M3(b)) return InvalidArgument(std::string(op) + ": b: dtype must be float8_e4m3fn");
@@ -414,10 +408,6 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
     return InvalidArgument(std::string(op) + ": sizes exceed the 32-bit range of the kernel");
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
 
-  if (tile == kAuto) {
-    const int64_t rows_per_group = m / g;
-    tile = rows_per_group <= kSwap32MaxRowsPerGroup ? kSwap32 : rows_per_group <= kSmallConfigMaxRowsPerGroup ? kSmall : kBig;
-  }
   auto run = [&](auto cfg_tag) {
     using Cfg = decltype(cfg_tag);
     return RunGroupedGemm<Cfg>(stream, device, int(g), int(m), int(n), int(k), a.untyped_data(),
@@ -433,7 +423,7 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
       case kBigM2: return run(BigM2Config<D>{});
       case kBigM2N2: return run(BigM2N2Config<D>{});
 #endif
-      default: return run(BigConfig<D>{});
+      default: return run(BigConfig<D>{});  // kBig
     }
   };
   return f32_out ? run_d(float{}) : run_d(cutlass::bfloat16_t{});

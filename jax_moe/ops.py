@@ -112,11 +112,11 @@ def grouped_gemm_workspace_bytes(num_groups):
     return 1024 * num_groups + (1 << 18)
 
 
-# The kernel's tile configs (the `tile` attribute of jax_moe_grouped_gemm):
-#   "auto": chosen from the average rows per group; "128": cooperative 128x128 tiles;
-#   "64": ping-pong 64x128 tiles; "swap32": swapped operands (the weights are the kernel's M
-#   side), 32 token rows per tile.
-GEMM_TILES = {"auto": 0, "128": 1, "64": 2, "swap32": 3}
+# The kernel's tile configs (the `tile` attribute of jax_moe_grouped_gemm): "128": cooperative
+# 128x128 tiles; "64": ping-pong 64x128 tiles; "swap32": swapped operands (the weights are the
+# kernel's M side), 32 token rows per tile. "auto" (resolved here, at trace time) picks one by
+# the rows per group.
+GEMM_TILES = {"128": 1, "64": 2, "swap32": 3}
 TILE_ENV = "JAX_MOE_GEMM_TILE"
 
 
@@ -124,8 +124,7 @@ def gemm_tile_for(rows_per_group):
     """The config for groups of about `rows_per_group` rows (tools/tile_sweep.py on an H100,
     DeepSeek-V3 MoE, benchmarks/RESULTS.md): swapped operands with 32-token tiles win by 1-3 %
     up to 16 rows per group (decode, small expert-parallel slices) and lose badly beyond 64;
-    from 33 rows the cooperative 128x128 tile wins. The kernel's own "auto" uses the same
-    thresholds on M/G."""
+    from 33 rows the cooperative 128x128 tile wins."""
     if rows_per_group <= 16:
         return "swap32"
     if rows_per_group <= 32:
@@ -133,25 +132,30 @@ def gemm_tile_for(rows_per_group):
     return "128"
 
 
-def _gemm_tile(tile):
-    """tile argument (None: $JAX_MOE_GEMM_TILE, else "auto"), read when the op is traced."""
+def _gemm_tile(tile, rows_per_group):
+    """The `tile` attribute for a tile argument (None: $JAX_MOE_GEMM_TILE, else "auto", read
+    when the op is traced); "auto" follows `rows_per_group`."""
     tile = tile if tile is not None else os.environ.get(TILE_ENV, "auto")
+    if tile == "auto":
+        tile = gemm_tile_for(rows_per_group)
     if tile not in GEMM_TILES:
-        raise ValueError(f"tile: expected one of {sorted(GEMM_TILES)} "
+        raise ValueError(f"tile: expected one of {sorted(GEMM_TILES) + ['auto']} "
                          f"(argument or ${TILE_ENV}), got {tile!r}")
     return GEMM_TILES[tile]
 
 
-def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloat16, tile=None):
+def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloat16, tile=None,
+                     rows_per_group=None):
     """`jax_moe_grouped_gemm`: a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major),
     b fp8 [G, N, K], b_scale f32 [G, N/128, K/128], offsets int32 [G+1] -> d [M, N] in
     out_dtype (bfloat16 or float32) with d[r] = dequant(a[r]) @ dequant(b[g]).T for r in group g
     (float32 accumulation, block scales applied per 128 of K). Rows past offsets[G] are not
-    written. `tile`: a key of GEMM_TILES; None reads $JAX_MOE_GEMM_TILE at trace time (so an
-    override needs a fresh trace: a new jit or `jax.clear_caches()`)."""
-    tile_attr = _i32(_gemm_tile(tile))
+    written. `tile`: a key of GEMM_TILES or "auto" (by `rows_per_group`, default M/G); None
+    reads $JAX_MOE_GEMM_TILE at trace time (so an override needs a fresh trace: a new jit or
+    `jax.clear_caches()`)."""
     m, _ = a.shape
     g, n, _ = b.shape
+    tile_attr = _i32(_gemm_tile(tile, rows_per_group if rows_per_group is not None else m / max(g, 1)))
     d, _ = _ffi_call(
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), out_dtype),
@@ -165,11 +169,8 @@ def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jn
     """The pipeline's GEMM stage. `rows_per_group`: the expected rows per local expert (T*k/E
     under balanced routing -- with a local slice, M/G would count the rows of other devices'
     experts too); picks the tile unless $JAX_MOE_GEMM_TILE is set."""
-    tile = None
-    if rows_per_group is not None and TILE_ENV not in os.environ:
-        tile = gemm_tile_for(rows_per_group)
     return grouped_gemm_raw(rows, row_scales, weights, weight_scales, p.expert_offsets, out_dtype,
-                            tile=tile)
+                            rows_per_group=rows_per_group)
 
 
 # --------------------------------------------------------------------------- activation

@@ -121,7 +121,7 @@ OUT_DTYPES = pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32], i
 
 
 @OUT_DTYPES
-@pytest.mark.parametrize("tile", sorted(ops.GEMM_TILES))
+@pytest.mark.parametrize("tile", sorted(ops.GEMM_TILES) + ["auto"])
 @pytest.mark.parametrize("name", sorted(SMALL_OFFSETS))
 def test_small_shapes(name, tile, out_dtype):
     offsets = SMALL_OFFSETS[name]
@@ -263,7 +263,7 @@ def test_workspace_too_small_is_an_error():
     with pytest.raises(Exception, match="workspace"):
         jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
                                    jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32),
-                                   tile=np.int32(0)))
+                                   tile=np.int32(1)))
 
 
 def test_unknown_tile_is_an_error():
@@ -275,7 +275,8 @@ def test_unknown_tile_is_an_error():
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
          jax.ShapeDtypeStruct((ops.grouped_gemm_workspace_bytes(g),), jnp.uint8)))
-    with pytest.raises(Exception, match="tile"):
-        jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
-                                   jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32),
-                                   tile=np.int32(7)))
+    for bad in (0, 7):  # 0 was the kernel's own "auto" once; the wrapper resolves "auto" now
+        with pytest.raises(Exception, match="tile: expected 1"):
+            jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
+                                       jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32),
+                                       tile=np.int32(bad)))

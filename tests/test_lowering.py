@@ -27,7 +27,7 @@ def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
     monkeypatch.setenv(ops.TILE_ENV, "swap16")
     with pytest.raises(ValueError, match="JAX_MOE_GEMM_TILE.*got 'swap16'"):
         jax.eval_shape(ops.grouped_gemm_raw, *args)
-    assert {ops._gemm_tile(t) for t in ops.GEMM_TILES} == set(range(len(ops.GEMM_TILES)))
+    assert {ops._gemm_tile(t, 1) for t in ops.GEMM_TILES} == {1, 2, 3}
 
 
 def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
@@ -43,7 +43,12 @@ def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
         text = jax.jit(lambda *x: ops.grouped_gemm_raw(*x, **kw)).lower(*args).as_text()
         return [line.split("tile = ")[1].split(" ")[0] for line in text.splitlines() if "tile = " in line]
 
-    assert [attr(tile=t) for t in ("auto", "128", "64", "swap32")] == [["0"], ["1"], ["2"], ["3"]]
+    assert [attr(tile=t) for t in ("128", "64", "swap32")] == [["1"], ["2"], ["3"]]
+    # "auto" is resolved here from the static shapes: M/G = 8/2 rows per group -> swap32, and
+    # from rows_per_group when given
+    assert attr(tile="auto") == ["3"]
+    assert attr(tile="auto", rows_per_group=24) == ["2"]
+    assert attr(tile="auto", rows_per_group=33) == ["1"]
     monkeypatch.setenv(ops.TILE_ENV, "swap32")
     assert attr() == ["3"]
 
