@@ -100,15 +100,12 @@ ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
   auto* yp = reinterpret_cast<const uint4*>(y.typed_data());
   auto* op = reinterpret_cast<uint4*>(out->typed_data());
   if (do_finalize) {
-    if (f32_weights) {
+    auto reduce = [&](auto* w) {  // w: the weights as float or __nv_bfloat16
       FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          yp, slot_to_row.typed_data(), static_cast<const float*>(weights.untyped_data()), t,
-          static_cast<int>(k), m, vecs, op);
-    } else {
-      FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          yp, slot_to_row.typed_data(), static_cast<const __nv_bfloat16*>(weights.untyped_data()),
-          t, static_cast<int>(k), m, vecs, op);
-    }
+          yp, slot_to_row.typed_data(), w, t, static_cast<int>(k), m, vecs, op);
+    };
+    if (f32_weights) reduce(static_cast<const float*>(weights.untyped_data()));
+    else reduce(static_cast<const __nv_bfloat16*>(weights.untyped_data()));
   } else {
     FinalizeGatherKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         yp, slot_to_row.typed_data(), t * k, m, vecs, op);

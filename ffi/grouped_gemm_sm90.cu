@@ -124,11 +124,14 @@ struct GroupedGemmConfig {
                                                             cute::Stride<int64_t, cute::_1, cute::_0>>>);
 };
 
-// Many rows per group: 128x128x128 cooperative, 2-CTA clusters along N (A multicast).
+// The 128x128x128 cooperative tile with a given cluster shape.
+template <class ElementD, class ClusterShape>
+using Cooperative128Config = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, ClusterShape,
+                                               cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                                               cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+// Many rows per group: 2-CTA clusters along N (A multicast).
 template <class ElementD>
-using BigConfig = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
-                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
-                                    cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+using BigConfig = Cooperative128Config<ElementD, Shape<_1, _2, _1>>;
 // Few rows per group (decode): 64x128x128 ping-pong, less padding waste along M.
 template <class ElementD>
 using SmallConfig = GroupedGemmConfig<ElementD, Shape<_64, _128, _128>, Shape<_1, _1, _1>,
@@ -146,13 +149,9 @@ using SwapConfig = GroupedGemmConfig<ElementD, Shape<_128, _32, _128>, Shape<_1,
 // Experiment builds only (-DJAX_MOE_GEMM_EXPERIMENTS=ON): the 128x128 cooperative tile with
 // clusters of 2 along M (the weights' N tile multicast to both M tiles of a group) and 2x2.
 template <class ElementD>
-using BigM2Config = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
-                                      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
-                                      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+using BigM2Config = Cooperative128Config<ElementD, Shape<_2, _1, _1>>;
 template <class ElementD>
-using BigM2N2Config = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, Shape<_2, _2, _1>,
-                                        cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
-                                        cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+using BigM2N2Config = Cooperative128Config<ElementD, Shape<_2, _2, _1>>;
 #endif
 
 // --------------------------------------------------------------------------------------------
