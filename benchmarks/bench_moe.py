@@ -84,11 +84,13 @@ def stage_times(inp, e_loc, reps, tokens):
     p = plan_fn(ids)
     perm = jax.jit(lambda x, s, p: ops.permute(x, s, p, K))
     rows, rs = perm(xq, xs, p)
-    gemm1 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p, out_dtype=GEMM1_DTYPE))
+    rpg = logits.shape[0] * K / E  # the tile the op picks (api.run_experts), not M/G of the slice
+    gemm1 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p, out_dtype=GEMM1_DTYPE,
+                                                            rows_per_group=rpg))
     g = gemm1(rows, rs, w1, w1s, p)
     aq = jax.jit(lambda g, p: ops.act_quant(g, p, jax_moe.ActivationType.Swiglu))
     q, qs = aq(g, p)
-    gemm2 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p))
+    gemm2 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p, rows_per_group=rpg))
     y = gemm2(q, qs, w2, w2s, p)
     fin = jax.jit(lambda y, p, w: ops.finalize(y, p, w))
     res = {}

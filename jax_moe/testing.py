@@ -26,7 +26,7 @@ class MoEInputs(NamedTuple):
     gemm2_weights_scale: jax.Array
 
 
-def _expert_weights(key, num_experts, n, k):
+def random_expert_weights(key, num_experts, n, k):
     """FP8 [E, N, K] and scales [E, N/128, K/128], generated expert by expert on the device."""
     def one(key):
         w = jax.random.normal(key, (n, k), jnp.float32) / np.sqrt(k)
@@ -45,8 +45,8 @@ def random_moe_inputs(key, *, num_tokens, hidden_size, intermediate_size, num_ex
     x = jax.random.normal(k_x, (num_tokens, hidden_size), jnp.float32)
     xq, xs = quant.quantize_activations(x)
     rows1 = (2 if is_gated(activation_type) else 1) * intermediate_size
-    w1, w1s = _expert_weights(k_w1, e_loc, rows1, hidden_size)
-    w2, w2s = _expert_weights(k_w2, e_loc, hidden_size, intermediate_size)
+    w1, w1s = random_expert_weights(k_w1, e_loc, rows1, hidden_size)
+    w2, w2s = random_expert_weights(k_w2, e_loc, hidden_size, intermediate_size)
     return MoEInputs(logits, bias, xq, xs, w1, w1s, w2, w2s)
 
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_moe
-from jax_moe import ops
-from jax_moe.testing import device_time
+from jax_moe import ops, quant
+from jax_moe.testing import device_time, random_expert_weights
 
 EXPERIMENT_TILES = {"128m2": 4, "128m2n2": 5}
 
@@ -34,14 +34,13 @@ SHAPES = [
 
 
 def operands(g, rows, n, k, seed=0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-    m = g * rows
-    a = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.float8_e4m3fn)
-    b = (jax.random.normal(ks[1], (g, n, k), jnp.bfloat16) * 0.5).astype(jnp.float8_e4m3fn)
-    a_s = jax.random.uniform(ks[2], (m * k // 128,), jnp.float32, 1e-3, 2e-3)
-    b_s = jax.random.uniform(ks[3], (g, n // 128, k // 128), jnp.float32, 1e-3, 2e-3)
+    """Grouped-GEMM operands of `g` groups of `rows` token rows: realistic FP8 tokens and weights
+    (jax_moe.testing), token scales in the kernel's grouped layout, offsets."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(seed))
     off = jnp.asarray(np.arange(g + 1) * rows, jnp.int32)
-    return a, a_s, b, b_s, off
+    a, a_s = quant.quantize_activations(jax.random.normal(ka, (g * rows, k), jnp.float32))
+    b, b_s = random_expert_weights(kb, g, n, k)
+    return a, ops.rows_scales_to_grouped(a_s.T, off), b, b_s, off
 
 
 def check(tiles):
