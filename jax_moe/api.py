@@ -97,7 +97,7 @@ def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_sca
     # GEMM1's output stays float32 (SPEC 3 step 2 allows, not requires, rounding it to bf16): a
     # bf16 rounding here turns the ~1e-4 accumulation-order differences between backends into
     # flipped FP8 codes in the re-quantization (one fp8 ulp is 6-12 %).
-    rows_per_group = t * k / num_experts  # expected rows per local expert (sets the GEMM tile)
+    rows_per_group = ops.expected_rows_per_expert(t, k, num_experts)  # sets the GEMM tile
     g = stages.grouped_gemm(rows, row_scales, gemm1_weights, gemm1_weights_scale, plan,
                             out_dtype=jnp.float32, rows_per_group=rows_per_group)
     act, act_scales = stages.act_quant(g, plan, activation_type)
