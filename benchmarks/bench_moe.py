@@ -84,7 +84,7 @@ def stage_times(inp, e_loc, reps, tokens):
     p = plan_fn(ids)
     perm = jax.jit(lambda x, s, p: ops.permute(x, s, p, K))
     rows, rs = perm(xq, xs, p)
-    rpg = ops.expected_rows_per_expert(logits.shape[0], K, E)  # the op's tile, not M/G of the slice
+    rpg = api.expected_rows_per_expert(logits.shape[0], K, E)  # the op's tile, not M/G of the slice
     gemm1 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p, out_dtype=GEMM1_DTYPE,
                                                             rows_per_group=rpg))
     g = gemm1(rows, rs, w1, w1s, p)

@@ -81,6 +81,12 @@ def _route(logits, bias, top_k, method, n_group, topk_group, rsf, use_cuda, stri
     return reference.route(logits, bias, **kwargs)
 
 
+def expected_rows_per_expert(num_tokens, top_k, num_experts):
+    """The GEMMs' tiling hint: T*k/E rows per local expert under balanced routing (with a local
+    slice, M/G would count the rows of other devices' experts too)."""
+    return num_tokens * top_k / num_experts
+
+
 def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_scale, gemm1_weights,
                 gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, num_experts,
                 local_expert_offset, activation_type, do_finalize):
@@ -97,7 +103,7 @@ def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_sca
     # GEMM1's output stays float32 (SPEC 3 step 2 allows, not requires, rounding it to bf16): a
     # bf16 rounding here turns the ~1e-4 accumulation-order differences between backends into
     # flipped FP8 codes in the re-quantization (one fp8 ulp is 6-12 %).
-    rows_per_group = ops.expected_rows_per_expert(t, k, num_experts)  # sets the GEMM tile
+    rows_per_group = expected_rows_per_expert(t, k, num_experts)  # sets the GEMM tile
     g = stages.grouped_gemm(rows, row_scales, gemm1_weights, gemm1_weights_scale, plan,
                             out_dtype=jnp.float32, rows_per_group=rows_per_group)
     act, act_scales = stages.act_quant(g, plan, activation_type)

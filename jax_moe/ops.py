@@ -120,12 +120,6 @@ GEMM_TILES = {"128": 1, "64": 2, "swap32": 3}
 TILE_ENV = "JAX_MOE_GEMM_TILE"
 
 
-def expected_rows_per_expert(num_tokens, top_k, num_experts):
-    """The GEMMs' tiling hint: T*k/E rows per local expert under balanced routing (with a local
-    slice, M/G would count the rows of other devices' experts too)."""
-    return num_tokens * top_k / num_experts
-
-
 def gemm_tile_for(rows_per_group):
     """The config for groups of about `rows_per_group` rows (tools/tile_sweep.py on an H100,
     DeepSeek-V3 MoE, benchmarks/RESULTS.md): swapped operands with 32-token tiles win by 1-3 %
@@ -173,7 +167,7 @@ def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloa
 def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jnp.bfloat16,
                  rows_per_group=None):
     """The pipeline's GEMM stage. `rows_per_group`: the expected rows per local expert
-    (`expected_rows_per_expert`); picks the tile unless $JAX_MOE_GEMM_TILE is set."""
+    (`api.expected_rows_per_expert`); picks the tile unless $JAX_MOE_GEMM_TILE is set."""
     return grouped_gemm_raw(rows, row_scales, weights, weight_scales, p.expert_offsets, out_dtype,
                             rows_per_group=rows_per_group)
 

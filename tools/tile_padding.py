@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import jax_moe
-from jax_moe import ops
+from jax_moe import api
 from jax_moe.testing import random_moe_inputs
 from probe_moe import E, KW  # tools/ is the script's directory
 from tile_sweep import WORKLOADS
@@ -29,7 +29,7 @@ def main():
             n = np.bincount(np.asarray(ids).ravel(), minlength=E)[:e_loc]
             rows = max(int(n.sum()), 1)
             pads = [(np.ceil(n / m) * m).sum() / rows for m in (128, 64, 32)]
-            print(f"{t:>6} {e_loc:>5} {rows:>6} {ops.expected_rows_per_expert(t, KW['top_k'], E):>6.1f} {n.std():>6.1f} {n.max():>4}   "
+            print(f"{t:>6} {e_loc:>5} {rows:>6} {api.expected_rows_per_expert(t, KW['top_k'], E):>6.1f} {n.std():>6.1f} {n.max():>4}   "
                   + " / ".join(f"{p:.3f}" for p in pads))
 
 
