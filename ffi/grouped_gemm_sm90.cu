@@ -32,6 +32,7 @@
 // The XLA FFI headers come first: CUTLASS's cute/atom/mma_traits_sm100.hpp turns
 // -Wmissing-field-initializers into an error, which newer XLA FFI headers trip.
 #include "ffi_common.h"
+#include "blockwise_gemm_sm90.h"
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -363,12 +364,13 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
 
 // Tile configs, the handler's `tile` attribute (jax_moe/ops.py GEMM_TILES lists the same
 // numbers and chooses one per call, "auto" included): 1 = cooperative 128x128, 2 = ping-pong
-// 64x128, 3 = swapped operands with 32 token rows per tile; 4, 5 in experiment builds.
-enum Tile : int32_t { kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5 };
+// 64x128, 3 = swapped operands with 32 token rows per tile; 4, 5 in experiment builds; 6, 7 =
+// the own TMA + wgmma kernel (blockwise_gemm_sm90.cu) with 128x128 and 128x192 tiles.
+enum Tile : int32_t { kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5, kOwn128 = 6, kOwn192 = 7 };
 #ifdef JAX_MOE_GEMM_EXPERIMENTS
-constexpr int32_t kMaxTile = kBigM2N2;
+constexpr bool kExperimentTiles = true;
 #else
-constexpr int32_t kMaxTile = kSwap32;
+constexpr bool kExperimentTiles = false;
 #endif
 
 // --------------------------------------------------------------------------------------------
@@ -379,9 +381,10 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                            ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> d,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
-  if (tile < kBig || tile > kMaxTile)
-    return InvalidArgument(std::string(op) + ": tile: expected 1.." + std::to_string(kMaxTile) + ", got " +
-                           std::to_string(tile));
+  if (tile < kBig || tile > kOwn192 || (!kExperimentTiles && (tile == kBigM2 || tile == kBigM2N2)))
+    return InvalidArgument(std::string(op) + ": tile: expected 1, 2, 3, 6 or 7" +
+                           (kExperimentTiles ? std::string(" (4, 5: experiment build)") : std::string()) +
+                           ", got " + std::to_string(tile));
   if (!IsFp8E4M3(a)) return InvalidArgument(std::string(op) + ": a: dtype must be float8_e4m3fn");
   if (!IsFp8E4M3(b)) return InvalidArgument(std::string(op) + ": b: dtype must be float8_e4m3fn");
   const bool f32_out = d->element_type() == ffi::DataType::F32;
@@ -406,6 +409,23 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
   if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || g > INT32_MAX / 2 || m * (k / kBlock) > INT32_MAX)
     return InvalidArgument(std::string(op) + ": sizes exceed the 32-bit range of the kernel");
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
+
+  if (tile == kOwn128 || tile == kOwn192) {
+    if (g > kOwnGemmMaxGroups)
+      return InvalidArgument(std::string(op) + ": tile own128/own192 takes at most " +
+                             std::to_string(kOwnGemmMaxGroups) + " groups, got " + std::to_string(g));
+    for (const void* p : {a.untyped_data(), b.untyped_data(), d->untyped_data()})
+      if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+        return InvalidArgument(std::string(op) + ": a, b and d must be 16-byte aligned for TMA");
+    const char* what = "";
+    cudaError_t err = LaunchOwnGroupedGemm(stream, tile == kOwn192 ? 192 : 128, f32_out, int(g), int(m), int(n),
+                                           int(k), a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
+                                           b_scale.typed_data(), offsets.typed_data(), d->untyped_data(), &what);
+    if (err != cudaSuccess)
+      return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + " (own kernel): " + what + ": " +
+                                                       cudaGetErrorString(err));
+    return ffi::Error::Success();
+  }
 
   auto run = [&](auto cfg_tag) {
     using Cfg = decltype(cfg_tag);

@@ -114,9 +114,10 @@ def grouped_gemm_workspace_bytes(num_groups):
 
 # The kernel's tile configs (the `tile` attribute of jax_moe_grouped_gemm): "128": cooperative
 # 128x128 tiles; "64": ping-pong 64x128 tiles; "swap32": swapped operands (the weights are the
-# kernel's M side), 32 token rows per tile. "auto" (resolved here, at trace time) picks one by
-# the rows per group.
-GEMM_TILES = {"128": 1, "64": 2, "swap32": 3}
+# kernel's M side), 32 token rows per tile; "own128" / "own192": the library's own TMA + wgmma
+# kernel (ffi/blockwise_gemm_sm90.cu), 128 x 128 / 128 x 192 tiles, no setup kernel, at most 512
+# groups. "auto" (resolved here, at trace time) picks one by the rows per group.
+GEMM_TILES = {"128": 1, "64": 2, "swap32": 3, "own128": 6, "own192": 7}
 TILE_ENV = "JAX_MOE_GEMM_TILE"
 
 

@@ -160,7 +160,7 @@ def test_deepseek_gemm1_f32_output(m):
 
 
 @OUT_DTYPES
-@pytest.mark.parametrize("tile", ["64", "128", "swap32"])
+@pytest.mark.parametrize("tile", sorted(ops.GEMM_TILES))
 def test_deepseek_32_groups_every_config(tile, out_dtype):
     g, n, k, m = 32, 4096, 7168, 1000
     rng = np.random.default_rng(7)
@@ -169,7 +169,21 @@ def test_deepseek_32_groups_every_config(tile, out_dtype):
     _run_and_check(a_q, a_s, b_q, b_s, offsets, out_dtype=out_dtype, tile=tile)
 
 
-@pytest.mark.parametrize("tile", ["64", "128", "swap32"])
+@OUT_DTYPES
+@pytest.mark.parametrize("tile", sorted(ops.GEMM_TILES))
+def test_group_ends_at_every_offset_within_a_tile(tile, out_dtype):
+    """Groups ending just before, at and just after the 64-row halves and 128-row tiles, with a
+    full group right behind each: the own kernel stores a half tile by TMA only when the group
+    fills it and copies the rows of a partial half one by one, so a boundary off by one writes
+    the next group's rows with this group's weights (caught by the per-row check). N = 640 is
+    not a multiple of 192 (the last column block of own192 is partial)."""
+    sizes = [1, 63, 64, 65, 0, 127, 128, 129, 191, 192, 193, 255, 256, 257, 7]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    a_q, a_s, b_q, b_s = _inputs(11, int(offsets[-1]) + 5, len(sizes), 640, 384)
+    _run_and_check(a_q, a_s, b_q, b_s, offsets, out_dtype=out_dtype, tile=tile)
+
+
+@pytest.mark.parametrize("tile", sorted(ops.GEMM_TILES))
 def test_f32_output_rounds_to_the_bf16_output(tile):
     """Same accumulation in both output types: the float32 result rounded to bf16 is the bf16
     result (allowing 1 ulp in case the epilogue's conversion rounds differently)."""
@@ -275,8 +289,22 @@ def test_unknown_tile_is_an_error():
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
          jax.ShapeDtypeStruct((ops.grouped_gemm_workspace_bytes(g),), jnp.uint8)))
-    for bad in (0, 7):  # 0 was the kernel's own "auto" once; the wrapper resolves "auto" now
+    for bad in (0, 8):  # 0 was the kernel's own "auto" once; the wrapper resolves "auto" now
         with pytest.raises(Exception, match="tile: expected 1"):
             jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
                                        jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32),
                                        tile=np.int32(bad)))
+
+
+def test_own_kernel_more_than_512_groups_is_an_error():
+    """The own kernel keeps the group offsets in shared memory: 513 groups must be refused by
+    name, not overrun it (the CUTLASS configs take them)."""
+    g, m, n, k = 513, 8, 128, 128
+    a = jnp.zeros((m, k), jnp.float8_e4m3fn)
+    b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
+    offsets = jnp.asarray(np.minimum(np.arange(g + 1), m), jnp.int32)
+    args = (a, jnp.ones((m,), jnp.float32), b, jnp.ones((g, 1, 1), jnp.float32), offsets)
+    for tile in ("own128", "own192"):
+        with pytest.raises(Exception, match="at most 512 groups"):
+            jax.block_until_ready(ops.grouped_gemm_raw(*args, tile=tile))
+    assert np.isfinite(np.asarray(ops.grouped_gemm_raw(*args, tile="128"), np.float32)).all()

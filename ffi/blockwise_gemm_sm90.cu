@@ -1,0 +1,414 @@
+// Blockwise-FP8 grouped GEMM for Hopper (sm_90a) written directly on TMA + wgmma: the "own128"
+// and "own192" tile configs of the "jax_moe_grouped_gemm" target (grouped_gemm_sm90.cu checks
+// the arguments and calls LaunchOwnGroupedGemm). Same contract and memory layouts as the
+// CUTLASS configs there:
+//
+//   d[r, :] = dequant(a[r, :]) @ dequant(b[g]).T   for every row r of group g,
+//
+// a fp8 [M, K] with 1x128 scales grouped MN-major (group g's scales form a [K/128, M_g]
+// row-major block starting at a_scale + offsets[g]*K/128), b fp8 [G, N, K] with 128x128 scales
+// [G, N/128, K/128], groups = row ranges [offsets[g], offsets[g+1]), d bf16 or f32 [M, N]; rows
+// past offsets[G] are not written.
+//
+// Design (DeepGEMM-style): persistent CTAs walk the (group, 128-column block, 128-row tile)
+// list, ordered so that the row tiles sharing a weight tile run together. Per CTA:
+//   warpgroup 0: thread 0 issues the TMA loads of each 128-wide K block (A: 128 rows, B: BN
+//     rows) into a ring of shared-memory stages; warp 1 copies the K block's scales (128 row
+//     scales, up to two weight-block scales) into the same stage, so the math never waits on a
+//     global load. The stage's "full" barrier counts the TMA bytes and the 32 scale lanes.
+//   warpgroups 1, 2: 64 rows each, wgmma m64nBNk32 into a float32 partial per K block, then
+//     acc += partial * (row scale * weight scale) -- float32 promotion every 128 of K. A
+//     warpgroup whose 64 rows all lie past its group's end skips its MMAs (only its thread 0
+//     waits and releases the stages: a lagging warp must not see a stage refilled under it).
+//   epilogue: each math warpgroup writes its 64 x BN tile into shared memory (128-byte swizzled
+//     boxes, bank-conflict free) and thread 0 stores it by TMA, asynchronously: the next tile's
+//     MMAs start while the store drains. A half tile that runs past its group's end is copied
+//     out by the warpgroup's threads with a row check instead (a TMA box cannot stop at a group
+//     boundary, and the rows beyond belong to the next group).
+// The group offsets are read on the device (clamped to [0, M] and made non-decreasing) and the
+// tensor maps are encoded on the host from the buffer addresses: no setup kernel, no host sync.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "blockwise_gemm_sm90.h"
+
+namespace jax_moe {
+namespace {
+
+constexpr int BM = 128, BK = 128;
+constexpr int kThreads = 384;  // warpgroup 0: loads; warpgroups 1, 2: math
+constexpr int kSmemLimit = 227 * 1024;
+
+template <int BN, int OB>  // OB: bytes per output element (2 bf16, 4 f32)
+struct Smem {
+  static constexpr int kOutBytes = 64 * BN * OB;  // one math warpgroup's output tile
+  static constexpr int kStageBytes = (BM + BN) * BK;
+  static constexpr int kStages = std::min(6, (kSmemLimit - 2 * kOutBytes - 8 * 1024) / kStageBytes);
+  alignas(1024) uint8_t out[2][kOutBytes];
+  alignas(1024) uint8_t a[kStages][BM * BK];
+  alignas(1024) uint8_t b[kStages][BN * BK];
+  float sa[kStages][BM];  // row scales of the K block (0 past the group's end)
+  float sb[kStages][2];   // scales of the (up to two) 128-column weight blocks of the tile
+  uint64_t full[kStages];
+  uint64_t empty[kStages];
+  int tile_start[kOwnGemmMaxGroups + 1];  // prefix sum of ceil(rows_g / 128)
+  int offsets[kOwnGemmMaxGroups + 1];
+};
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)), "r"(count));
+}
+__device__ __forceinline__ void MbarExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddr(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SmemAddr(bar)) : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra DONE_%=;\nbra WAIT_%=;\nDONE_%=:\n}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          SmemAddr(dst)),
+      "l"(map), "r"(SmemAddr(bar)), "r"(x), "r"(y)
+      : "memory");
+}
+__device__ __forceinline__ void TmaStore(const CUtensorMap* map, const void* src, int x, int y) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(map),
+               "r"(SmemAddr(src)), "r"(x), "r"(y)
+               : "memory");
+}
+// Named barrier of one math warpgroup (ids 1 and 2; 0 is __syncthreads).
+__device__ __forceinline__ void WarpgroupBarrier(int wg) {
+  if (wg == 1)
+    asm volatile("bar.sync 1, 128;" ::: "memory");
+  else
+    asm volatile("bar.sync 2, 128;" ::: "memory");
+}
+
+// Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
+// 1024 bytes apart. Advancing K by 32 bytes adds 2 to the start-address field.
+__device__ __forceinline__ uint64_t SmemDesc(const void* p) {
+  const uint64_t addr = SmemAddr(p);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void WgmmaWait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+// d (+)= A[64 x 32] * B[BN x 32]^T, e4m3 inputs, float32 accumulators (scale_d = 0 overwrites).
+__device__ __forceinline__ void Wgmma(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+      "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+      "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+__device__ __forceinline__ void Wgmma(float (&d)[96], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+      "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+      "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, "
+      "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, "
+      "%90, %91, %92, %93, %94, %95}, %96, %97, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void Put2(uint8_t* p, float x, float y, float) {
+  *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
+__device__ __forceinline__ void Put2(uint8_t* p, float x, float y, __nv_bfloat16) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+}
+
+// Group, first row, the group's row end and first column of this CTA's linear tile t. A
+// group's tiles run column block-major, row tile fastest.
+template <class S>
+__device__ __forceinline__ void TileCoords(const S& s, int num_groups, int num_units, int bn, int t, int* g,
+                                           int* row0, int* end, int* n0) {
+  int lo = 0, hi = num_groups;  // the last g with tile_start[g] * num_units <= t
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (s.tile_start[mid] * num_units <= t) lo = mid; else hi = mid - 1;
+  }
+  const int tiles = s.tile_start[lo + 1] - s.tile_start[lo];
+  const int local = t - s.tile_start[lo] * num_units;
+  *g = lo;
+  *n0 = (local / tiles) * bn;
+  *row0 = s.offsets[lo] + (local % tiles) * BM;
+  *end = s.offsets[lo + 1];
+}
+
+template <int BN, class OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+    OwnGroupedGemmKernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                         const __grid_constant__ CUtensorMap map_d, const float* __restrict__ a_scale,
+                         const float* __restrict__ b_scale, const int32_t* __restrict__ offsets, int num_groups,
+                         int m, int n, int k, OutT* __restrict__ d) {
+  constexpr int OB = int(sizeof(OutT));
+  using S = Smem<BN, OB>;
+  constexpr int STAGES = S::kStages;
+  constexpr int R = BN / 2;  // accumulator registers per thread (64 rows x BN per warpgroup)
+  extern __shared__ uint8_t smem_raw[];
+  S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int tid = threadIdx.x;
+  const int num_units = (n + BN - 1) / BN, kb_count = k / BK, nb_count = n / 128;
+
+  if (tid == 0) {  // group offsets (clamped, non-decreasing) and the prefix of row tiles
+    int prev = 0, acc = 0;
+    for (int i = 0; i <= num_groups; ++i) {
+      const int o = max(min(max(offsets[i], 0), m), prev);
+      s.offsets[i] = o;
+      if (i > 0) {
+        s.tile_start[i - 1] = acc;
+        acc += (o - prev + BM - 1) / BM;
+      }
+      prev = o;
+    }
+    s.tile_start[num_groups] = acc;
+    for (int i = 0; i < STAGES; ++i) {
+      MbarInit(&s.full[i], 33);  // the TMA thread and the 32 scale lanes
+      MbarInit(&s.empty[i], 2);  // both math warpgroups
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int total = s.tile_start[num_groups] * num_units;
+  const int wg = tid / 128;
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) {  // TMA loads of A and B
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        int g, row0, end, n0;
+        TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
+        for (int kb = 0; kb < kb_count; ++kb) {
+          MbarWait(&s.empty[stage], phase ^ 1);
+          MbarExpectTx(&s.full[stage], S::kStageBytes);
+          TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
+          TmaLoad(s.b[stage], &map_b, &s.full[stage], kb * BK, g * n + n0);
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        }
+      }
+    } else if (tid >= 32 && tid < 64) {  // warp 1: the scales of every K block
+      const int lane = tid - 32;
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        int g, row0, end, n0;
+        TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
+        const int g0 = s.offsets[g], rows_g = end - g0;
+        const float* sa = a_scale + int64_t(g0) * kb_count + (row0 - g0);
+        const int nb0 = min(n0 / 128, nb_count - 1), nb1 = min((n0 + BN - 1) / 128, nb_count - 1);
+        const float* sb = b_scale + int64_t(g) * nb_count * kb_count;
+        for (int kb = 0; kb < kb_count; ++kb) {
+          float v[BM / 32];
+#pragma unroll
+          for (int i = 0; i < BM / 32; ++i) {
+            const int r = lane + 32 * i;
+            v[i] = row0 + r < end ? __ldg(sa + int64_t(kb) * rows_g + r) : 0.0f;
+          }
+          const float vb = lane < 2 ? __ldg(sb + int64_t(lane == 0 ? nb0 : nb1) * kb_count + kb) : 0.0f;
+          MbarWait(&s.empty[stage], phase ^ 1);
+#pragma unroll
+          for (int i = 0; i < BM / 32; ++i) s.sa[stage][lane + 32 * i] = v[i];
+          if (lane < 2) s.sb[stage][lane] = vb;
+          MbarArrive(&s.full[stage]);
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    // math: warpgroup 1 rows [0, 64), warpgroup 2 rows [64, 128) of the tile
+    const int ct = tid - 128 * wg;
+    const int warp = ct / 32, lane = ct % 32;
+    const int rl0 = warp * 16 + lane / 4;  // first of this thread's two rows in its 64-row half
+    const int r_in = (wg - 1) * 64 + rl0;
+    uint8_t* out = s.out[wg - 1];
+    int stage = 0;
+    uint32_t phase = 0;
+    float acc[R], part[R];
+    auto next = [&] { if (++stage == STAGES) { stage = 0; phase ^= 1; } };
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      int g, row0, end, n0;
+      TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
+      const int row0h = row0 + (wg - 1) * 64;
+      if (row0h >= end) {  // no row of this half: thread 0 waits and releases, the others skip
+        for (int kb = 0; kb < kb_count; ++kb) {
+          if (ct == 0) {
+            MbarWait(&s.full[stage], phase);
+            MbarArrive(&s.empty[stage]);
+          }
+          next();
+        }
+        continue;
+      }
+      const int split = (n0 / 128 + 1) * 128 - n0;  // tile columns below this use the first scale
+#pragma unroll
+      for (int i = 0; i < R; ++i) acc[i] = 0.0f;
+      for (int kb = 0; kb < kb_count; ++kb) {
+        MbarWait(&s.full[stage], phase);
+        const int st = stage;
+        const float b0 = s.sb[st][0], b1 = s.sb[st][1];
+        const float f0a = s.sa[st][r_in], f1a = s.sa[st][r_in + 8];
+        const uint64_t da = SmemDesc(s.a[st] + (wg - 1) * 64 * BK);
+        const uint64_t db = SmemDesc(s.b[st]);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 32; ++kk) Wgmma(part, da + 2 * kk, db + 2 * kk, kk > 0);
+        WgmmaCommit();
+        next();
+        WgmmaWait0();
+        if (ct == 0) MbarArrive(&s.empty[st]);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {  // 8-column groups never straddle a scale block
+          const float sb = (8 * j < split) ? b0 : b1;
+          const float f0 = f0a * sb, f1 = f1a * sb;
+          acc[4 * j + 0] += part[4 * j + 0] * f0;
+          acc[4 * j + 1] += part[4 * j + 1] * f0;
+          acc[4 * j + 2] += part[4 * j + 2] * f1;
+          acc[4 * j + 3] += part[4 * j + 3] * f1;
+        }
+      }
+      // epilogue: registers -> swizzled shared memory -> global
+      if (ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      WarpgroupBarrier(wg);  // the previous tile's store has read the buffer
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int cb = (8 * j + (lane % 4) * 2) * OB;  // byte column in the tile
+        const int box = cb / 128, chunk = (cb % 128) / 16, w = cb % 16;
+        uint8_t* p = out + box * 8192 + rl0 * 128 + ((chunk ^ (rl0 & 7)) << 4) + w;
+        Put2(p, acc[4 * j + 0], acc[4 * j + 1], OutT());
+        Put2(p + 8 * 128, acc[4 * j + 2], acc[4 * j + 3], OutT());  // row rl0 + 8: same swizzle
+      }
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      WarpgroupBarrier(wg);
+      if (row0h + 64 <= end) {
+        if (ct == 0) {
+#pragma unroll
+          for (int box = 0; box < BN * OB / 128; ++box) TmaStore(&map_d, out + box * 8192, n0 + box * 128 / OB, row0h);
+          asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+      } else {  // the group ends inside this half: 16-byte copies of its rows only
+        constexpr int kChunksPerRow = BN * OB / 16;
+        for (int q = ct; q < 64 * kChunksPerRow; q += 128) {
+          const int row = q / kChunksPerRow, cc = q % kChunksPerRow, col = n0 + cc * 16 / OB;
+          const uint8_t* src = out + (cc / 8) * 8192 + row * 128 + (((cc % 8) ^ (row & 7)) << 4);
+          if (row0h + row < end && col < n)
+            *reinterpret_cast<int4*>(d + int64_t(row0h + row) * n + col) = *reinterpret_cast<const int4*>(src);
+        }
+      }
+    }
+    if (ct == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  }
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A row-major [rows, cols] matrix read or written in boxes of [box_rows, 128 bytes] through a
+// 128-byte swizzle (the layout the wgmma descriptors and the epilogue above assume).
+bool EncodeMap(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols, int elem_bytes, uint32_t box_rows) {
+  auto encode = TensorMapEncoder();
+  if (encode == nullptr) return false;
+  cuuint64_t dims[2] = {cols, rows};
+  cuuint64_t strides[1] = {cols * elem_bytes};
+  cuuint32_t box[2] = {uint32_t(128 / elem_bytes), box_rows};
+  cuuint32_t elem_strides[2] = {1, 1};
+  const CUtensorMapDataType type = elem_bytes == 1   ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                   : elem_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                     : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+  return encode(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BN, class OutT>
+cudaError_t Launch(cudaStream_t stream, int g, int m, int n, int k, const void* a, const float* a_scale, const void* b,
+                   const float* b_scale, const int32_t* offsets, void* d, const char** what) {
+  CUtensorMap map_a, map_b, map_d;
+  if (!EncodeMap(&map_a, a, m, k, 1, BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, BN) ||
+      !EncodeMap(&map_d, d, m, n, int(sizeof(OutT)), 64)) {
+    *what = "cuTensorMapEncodeTiled failed";
+    return cudaErrorInvalidValue;
+  }
+  const size_t smem = sizeof(Smem<BN, int(sizeof(OutT))>) + 1024;
+  static_assert(sizeof(Smem<BN, int(sizeof(OutT))>) + 1024 <= kSmemLimit, "shared memory");
+  auto kernel = OwnGroupedGemmKernel<BN, OutT>;
+  *what = "cudaFuncSetAttribute";
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  int sms = 0;
+  int dev = 0;
+  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return err;
+  *what = "kernel launch";
+  kernel<<<sms, kThreads, smem, stream>>>(map_a, map_b, map_d, a_scale, b_scale, offsets, g, m, n, k,
+                                          static_cast<OutT*>(d));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, int block_n, bool f32_out, int num_groups, int m, int n, int k,
+                                 const void* a, const float* a_scale, const void* b, const float* b_scale,
+                                 const int32_t* offsets, void* d, const char** what) {
+  if (block_n == 192)
+    return f32_out ? Launch<192, float>(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, what)
+                   : Launch<192, __nv_bfloat16>(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, what);
+  return f32_out ? Launch<128, float>(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, what)
+                 : Launch<128, __nv_bfloat16>(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, what);
+}
+
+}  // namespace jax_moe
