@@ -193,23 +193,52 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   const int num_units = (n + BN - 1) / BN, kb_count = k / BK, nb_count = n / 128;
 
-  if (tid == 0) {  // group offsets (clamped, non-decreasing) and the prefix of row tiles
-    int prev = 0, acc = 0;
-    for (int i = 0; i <= num_groups; ++i) {
-      const int o = max(min(max(offsets[i], 0), m), prev);
-      s.offsets[i] = o;
-      if (i > 0) {
-        s.tile_start[i - 1] = acc;
-        acc += (o - prev + BM - 1) / BM;
-      }
-      prev = o;
-    }
-    s.tile_start[num_groups] = acc;
+  // Group offsets (clamped to [0, m], made non-decreasing) and the prefix of row tiles, in
+  // parallel: a serial walk by one thread costs ~0.1 us of load latency per group (25 us at 256).
+  for (int i = tid; i <= num_groups; i += kThreads) s.offsets[i] = min(max(offsets[i], 0), m);
+  if (tid == 0) {
     for (int i = 0; i < STAGES; ++i) {
       MbarInit(&s.full[i], 33);  // the TMA thread and the 32 scale lanes
       MbarInit(&s.empty[i], 2);  // both math warpgroups
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (tid < 32) {  // warp 0: each lane a contiguous chunk of entries; prefix max, then prefix sum
+    const int per = (num_groups + 1 + 31) / 32, lo = tid * per, hi = min(lo + per, num_groups + 1);
+    int chunk_max = 0;
+    for (int i = lo; i < hi; ++i) chunk_max = max(chunk_max, s.offsets[i]);
+    int run_max = chunk_max;  // inclusive scan of the chunk maxima
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, run_max, d);
+      if (tid >= d) run_max = max(run_max, v);
+    }
+    int prev = __shfl_up_sync(0xffffffffu, run_max, 1);
+    if (tid == 0) prev = 0;
+    int chunk_tiles = 0;
+    for (int i = lo; i < hi; ++i) {
+      const int o = max(s.offsets[i], prev);
+      if (i > 0) chunk_tiles += (o - prev + BM - 1) / BM;
+      prev = o;
+    }
+    int run_tiles = chunk_tiles;  // inclusive scan of the chunk tile counts
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, run_tiles, d);
+      if (tid >= d) run_tiles += v;
+    }
+    int acc = run_tiles - chunk_tiles;
+    prev = __shfl_up_sync(0xffffffffu, run_max, 1);
+    if (tid == 0) prev = 0;
+    __syncwarp();
+    for (int i = lo; i < hi; ++i) {
+      const int o = max(s.offsets[i], prev);
+      if (i > 0) acc += (o - prev + BM - 1) / BM;
+      s.offsets[i] = o;
+      s.tile_start[i] = acc;
+      prev = o;
+    }
   }
   __syncthreads();
   const int total = s.tile_start[num_groups] * num_units;

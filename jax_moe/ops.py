@@ -121,24 +121,30 @@ GEMM_TILES = {"128": 1, "64": 2, "swap32": 3, "own128": 6, "own192": 7}
 TILE_ENV = "JAX_MOE_GEMM_TILE"
 
 
-def gemm_tile_for(rows_per_group):
-    """The config for groups of about `rows_per_group` rows (tools/tile_sweep.py on an H100,
-    DeepSeek-V3 MoE, benchmarks/RESULTS.md): swapped operands with 32-token tiles win by 1-3 %
-    up to 16 rows per group (decode, small expert-parallel slices) and lose badly beyond 64;
-    from 33 rows the cooperative 128x128 tile wins."""
+OWN_GEMM_MAX_GROUPS = 512  # the own kernel keeps the group offsets in shared memory
+
+
+def gemm_tile_for(rows_per_group, num_groups=1):
+    """The config for `num_groups` groups of about `rows_per_group` rows (tools/tile_sweep.py on
+    an H100, DeepSeek-V3 MoE, benchmarks/RESULTS.md): swapped operands with 32-token tiles win
+    by 1-3 % up to 16 rows per group (decode, small expert-parallel slices) and lose badly
+    beyond 64; from 33 to 64 rows the own kernel (its empty half tiles skipped, its epilogue
+    overlapped) is ~3 % faster than CUTLASS's 128x128 tile (prefill T=2048), which wins above."""
     if rows_per_group <= 16:
         return "swap32"
     if rows_per_group <= 32:
         return "64"
+    if rows_per_group <= 64 and num_groups <= OWN_GEMM_MAX_GROUPS:
+        return "own128"
     return "128"
 
 
-def _gemm_tile(tile, rows_per_group):
+def _gemm_tile(tile, rows_per_group, num_groups=1):
     """The `tile` attribute for a tile argument (None: $JAX_MOE_GEMM_TILE, else "auto", read
     when the op is traced); "auto" follows `rows_per_group`."""
     tile = tile if tile is not None else os.environ.get(TILE_ENV, "auto")
     if tile == "auto":
-        tile = gemm_tile_for(rows_per_group)
+        tile = gemm_tile_for(rows_per_group, num_groups)
     if tile not in GEMM_TILES:
         raise ValueError(f"tile: expected one of {sorted(GEMM_TILES) + ['auto']} "
                          f"(argument or ${TILE_ENV}), got {tile!r}")
@@ -156,7 +162,7 @@ def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloa
     `jax.clear_caches()`)."""
     m, _ = a.shape
     g, n, _ = b.shape
-    tile_attr = _i32(_gemm_tile(tile, rows_per_group if rows_per_group is not None else m / max(g, 1)))
+    tile_attr = _i32(_gemm_tile(tile, rows_per_group if rows_per_group is not None else m / max(g, 1), g))
     d, _ = _ffi_call(
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), out_dtype),

@@ -28,6 +28,10 @@ def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
     with pytest.raises(ValueError, match="JAX_MOE_GEMM_TILE.*got 'swap16'"):
         jax.eval_shape(ops.grouped_gemm_raw, *args)
     assert {ops._gemm_tile(t, 1) for t in ops.GEMM_TILES} == {1, 2, 3, 6, 7}
+    # "auto" by rows per group; the own kernel only up to 512 groups
+    assert [ops.gemm_tile_for(r) for r in (16, 17, 32, 33, 64, 65)] == \
+        ["swap32", "64", "64", "own128", "own128", "128"]
+    assert ops.gemm_tile_for(64, ops.OWN_GEMM_MAX_GROUPS + 1) == "128"
 
 
 def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
@@ -43,12 +47,14 @@ def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
         text = jax.jit(lambda *x: ops.grouped_gemm_raw(*x, **kw)).lower(*args).as_text()
         return [line.split("tile = ")[1].split(" ")[0] for line in text.splitlines() if "tile = " in line]
 
-    assert [attr(tile=t) for t in ("128", "64", "swap32")] == [["1"], ["2"], ["3"]]
+    assert [attr(tile=t) for t in ("128", "64", "swap32", "own128", "own192")] == \
+        [["1"], ["2"], ["3"], ["6"], ["7"]]
     # "auto" is resolved here from the static shapes: M/G = 8/2 rows per group -> swap32, and
     # from rows_per_group when given
     assert attr(tile="auto") == ["3"]
     assert attr(tile="auto", rows_per_group=24) == ["2"]
-    assert attr(tile="auto", rows_per_group=33) == ["1"]
+    assert attr(tile="auto", rows_per_group=33) == ["6"]
+    assert attr(tile="auto", rows_per_group=65) == ["1"]
     monkeypatch.setenv(ops.TILE_ENV, "swap32")
     assert attr() == ["3"]
 
@@ -74,7 +80,7 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
 @pytest.mark.parametrize("t, e, e_loc, want", [
     (1, 256, 256, "swap32"), (16, 256, 256, "swap32"), (512, 256, 32, "swap32"),  # <= 16 rows
     (1024, 256, 32, "64"),                                                         # 32 rows
-    (2048, 256, 256, "128"), (4096, 256, 32, "128"),                               # >= 64 rows
+    (2048, 256, 256, "own128"), (2080, 256, 32, "128"), (4096, 256, 32, "128"),   # 64, 65, 128
 ])
 def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc, want):
     """rows per local expert = T*k/E (not T*k/E_loc: a local slice receives ~E_loc/E of the
