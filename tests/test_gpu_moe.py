@@ -226,3 +226,16 @@ def test_cuda_graph_capture_and_replay():
     assert "Executing warm up iteration of command buffer thunk" in r.stderr
     rel_line = [l for l in r.stdout.splitlines() if l.startswith("REPLAY_REL")]
     assert rel_line and float(rel_line[0].split()[1]) <= 1e-2, r.stdout
+
+
+@pytest.mark.parametrize("tile", sorted(jax_moe.ops.GEMM_TILES))
+def test_every_gemm_tile_in_the_pipeline(monkeypatch, tile):
+    """The whole op with both GEMMs forced to each tile config (the own kernel's float32 GEMM1
+    output feeding act_quant, its bf16 GEMM2 output feeding finalize), ~75 rows per expert so
+    that groups end inside half tiles, against the pure-JAX path."""
+    monkeypatch.setenv(jax_moe.ops.TILE_ENV, tile)
+    args = inputs(40, 300, 256, 256, 16)
+    kw = dict(top_k=4, routing_method_type=R.Renormalize)
+    cu = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))(*args)
+    xl = _fn(False, "xla", **kw)(*args)
+    check_close(cu, xl, tile)
