@@ -36,6 +36,7 @@
 #include <cstdint>
 
 #include "blockwise_gemm_sm90.h"
+#include "ffi_common.h"  // NumSms
 
 namespace jax_moe {
 namespace {
@@ -214,8 +215,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int v = __shfl_up_sync(0xffffffffu, run_max, d);
       if (tid >= d) run_max = max(run_max, v);
     }
-    int prev = __shfl_up_sync(0xffffffffu, run_max, 1);
-    if (tid == 0) prev = 0;
+    const int below = __shfl_up_sync(0xffffffffu, run_max, 1);  // every lane shuffles
+    const int chunk_prev = tid == 0 ? 0 : below;                  // the max before this chunk
+    int prev = chunk_prev;
     int chunk_tiles = 0;
     for (int i = lo; i < hi; ++i) {
       const int o = max(s.offsets[i], prev);
@@ -229,8 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid >= d) run_tiles += v;
     }
     int acc = run_tiles - chunk_tiles;
-    prev = __shfl_up_sync(0xffffffffu, run_max, 1);
-    if (tid == 0) prev = 0;
+    prev = chunk_prev;
     __syncwarp();
     for (int i = lo; i < hi; ++i) {
       const int o = max(s.offsets[i], prev);
@@ -418,12 +419,8 @@ cudaError_t Launch(cudaStream_t stream, int g, int m, int n, int k, const void* 
   *what = "cudaFuncSetAttribute";
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
-  int sms = 0;
-  int dev = 0;
-  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return err;
   *what = "kernel launch";
-  kernel<<<sms, kThreads, smem, stream>>>(map_a, map_b, map_d, a_scale, b_scale, offsets, g, m, n, k,
+  kernel<<<NumSms(), kThreads, smem, stream>>>(map_a, map_b, map_d, a_scale, b_scale, offsets, g, m, n, k,
                                           static_cast<OutT*>(d));
   return cudaGetLastError();
 }
