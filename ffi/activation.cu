@@ -21,15 +21,6 @@ constexpr int kThreads = 256;
 constexpr int kUnitsPerBlock = kThreads / 16;  // one (row, block) unit per half warp
 constexpr int kMaxGroups = 4096;
 
-enum Act : int { kSwiglu = 3, kGeglu = 4, kRelu2 = 6, kIdentity = 9 };
-
-__device__ __forceinline__ float GeluTanh(float x) {
-  // 0.5 * x * (1 + tanh(c * (x + 0.044715 * x * x * x))), evaluated left to right like the
-  // reference.
-  const float inner = x + ((0.044715f * x) * x) * x;
-  return (0.5f * x) * (1.0f + tanhf(0.7978845608028654f * inner));
-}
-
 // 8 consecutive values at p (16-byte aligned for bf16, 32-byte for float) -> float32.
 __device__ __forceinline__ void Load8(const __nv_bfloat16* p, float* f) {
   UnpackBf16x8(*reinterpret_cast<const uint4*>(p), f);
@@ -84,25 +75,10 @@ __global__ void __launch_bounds__(kThreads)
       const T* row = g + r * in_cols;
       float x[8];
       Load8(row + col, x);
-      if (kGated) {
-        float gate[8];
-        Load8(row + inter + col, gate);
+      float gate[8] = {};
+      if (kGated) Load8(row + inter + col, gate);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (ACT == kSwiglu) a[i] = gate[i] / (1.0f + expf(-gate[i])) * x[i];
-          else a[i] = GeluTanh(gate[i]) * x[i];
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (ACT == kRelu2) {
-            float v = fmaxf(x[i], 0.0f);
-            a[i] = v * v;
-          } else {
-            a[i] = x[i];
-          }
-        }
-      }
+      for (int i = 0; i < 8; ++i) a[i] = Activate<ACT>(x[i], gate[i]);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) a[i] = 0.0f;
@@ -170,8 +146,8 @@ void LaunchActQuant(cudaStream_t stream, unsigned grid, size_t smem, int32_t act
 ffi::Error ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer g,
                         ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> q,
                         ffi::Result<ffi::Buffer<ffi::F32>> scales, int32_t activation) {
-  const bool gated = activation == kSwiglu || activation == kGeglu;
-  if (!gated && activation != kRelu2 && activation != kIdentity) {
+  const bool gated = IsGatedActivation(activation);
+  if (!IsSupportedActivation(activation)) {
     return InvalidArgument("jax_moe_act_quant: activation: expected Swiglu (3), Geglu (4), "
                            "Relu2 (6) or Identity (9), got " + std::to_string(activation));
   }

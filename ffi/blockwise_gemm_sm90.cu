@@ -17,9 +17,11 @@
 //     scales, up to two weight-block scales) into the same stage, so the math never waits on a
 //     global load. The stage's "full" barrier counts the TMA bytes and the 32 scale lanes.
 //   warpgroups 1, 2: 64 rows each, wgmma m64nBNk32 into a float32 partial per K block, then
-//     acc += partial * (row scale * weight scale) -- float32 promotion every 128 of K. A
-//     warpgroup whose 64 rows all lie past its group's end skips its MMAs (only its thread 0
-//     waits and releases the stages: a lagging warp must not see a stage refilled under it).
+//     acc += partial * (row scale * weight scale) -- float32 promotion every 128 of K. Every
+//     tile runs all its MMAs, even a half past its group's end (zero row scales there): skipping
+//     such halves made tile costs unequal, the CTAs that share a weight tile drifted apart and
+//     re-read it from DRAM (ncu, 256 groups of 256 +- 20 % rows: 20 GB read for 8 GB of
+//     operands, 7.9 ms; without the skip 5.7 ms).
 //   epilogue: each math warpgroup writes its 64 x BN tile into shared memory (128-byte swizzled
 //     boxes, bank-conflict free) and thread 0 stores it by TMA, asynchronously: the next tile's
 //     MMAs start while the store drains. A half tile that runs past its group's end is copied
@@ -29,11 +31,14 @@
 // tensor maps are encoded on the host from the buffer addresses: no setup kernel, no host sync.
 #include <cuda.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstdint>
+#include <string>
 
 #include "blockwise_gemm_sm90.h"
 #include "ffi_common.h"  // NumSms
@@ -45,9 +50,9 @@ constexpr int BM = 128, BK = 128;
 constexpr int kThreads = 384;  // warpgroup 0: loads; warpgroups 1, 2: math
 constexpr int kSmemLimit = 227 * 1024;
 
-template <int BN, int OB>  // OB: bytes per output element (2 bf16, 4 f32)
+template <int BN, int OUT_BYTES>  // OUT_BYTES: one math warpgroup's output buffer
 struct Smem {
-  static constexpr int kOutBytes = 64 * BN * OB;  // one math warpgroup's output tile
+  static constexpr int kOutBytes = OUT_BYTES;
   static constexpr int kStageBytes = (BM + BN) * BK;
   static constexpr int kStages = std::min(6, (kSmemLimit - 2 * kOutBytes - 8 * 1024) / kStageBytes);
   alignas(1024) uint8_t out[2][kOutBytes];
@@ -179,20 +184,63 @@ __device__ __forceinline__ void TileCoords(const S& s, int num_groups, int num_u
   *end = s.offsets[lo + 1];
 }
 
-template <int BN, class OutT>
+// What the epilogue writes.
+//   kStore: d = the GEMM result, bf16 or f32 [M, N].
+//   kActGated, kActPlain: an MoE's GEMM1 with SPEC 3 steps 3-4 fused: d = fp8 [M, I], the
+//     activation re-quantized per 1x128 block, d_scale = the blocks' scales in the grouped
+//     MN-major layout of act_quant. A tile covers one 128-column quantization block. kActGated
+//     (Swiglu, Geglu; b's rows per group are [up (I); gate (I)]) runs two passes over K, each
+//     on 64 up + 64 gate rows of b, so a thread's accumulators hold the up and gate values of
+//     the same output columns; kActPlain (Relu2, Identity; N = I) runs one pass on 128 rows.
+enum Epilogue : int { kStore = 0, kActGated = 1, kActPlain = 2 };
+
+// First rows of b (within the group) of the tile's two 64-row halves in pass p.
+template <int EPI>
+__device__ __forceinline__ int2 BRows(int n0, int p, int n_out) {
+  if (EPI == kActGated) return make_int2(n0 + 64 * p, n_out + n0 + 64 * p);
+  return make_int2(n0, n0 + 64);
+}
+
+// Step 3 on a warpgroup's 64 x 128 accumulators into act (the layout of a 128-column
+// accumulator: act[4j + q] is column 8j + 2 (lane % 4) + (q & 1), row + 8 (q >> 1)). Gated: the
+// first 64 columns of acc are up, the last 64 gate, giving 32 values at act[0..31].
+template <int ACT, int EPI>
+__device__ __forceinline__ void ActivateTile(const float (&acc)[64], float* act) {
+  if (EPI == kActGated) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) act[i] = Activate<ACT>(acc[i], acc[32 + i]);  // up, gate
+  } else {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) act[i] = Activate<ACT>(acc[i], 0.0f);
+  }
+}
+
+// One math warpgroup's output buffer: the output tile, or for kActGated also the float32
+// activations of pass 0 while pass 1 runs (kept there, not in registers: 32 more live registers
+// than acc + part spill inside the K loop at the 168-register cap).
+template <int BN, class OutT, int EPI>
+constexpr int OutBufferBytes() {
+  return EPI == kActGated ? 64 * 64 * 4 : 64 * BN * int(sizeof(OutT));
+}
+
+template <int BN, class OutT, int EPI>
 __global__ void __launch_bounds__(kThreads, 1)
     OwnGroupedGemmKernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                          const __grid_constant__ CUtensorMap map_d, const float* __restrict__ a_scale,
                          const float* __restrict__ b_scale, const int32_t* __restrict__ offsets, int num_groups,
-                         int m, int n, int k, OutT* __restrict__ d) {
+                         int m, int n, int k, OutT* __restrict__ d, float* __restrict__ d_scale, int activation) {
+  constexpr bool kAct = EPI != kStore;
+  static_assert(!kAct || (BN == 128 && sizeof(OutT) == 1), "the fused epilogue takes 128-column fp8 tiles");
+  constexpr int kPasses = EPI == kActGated ? 2 : 1;
   constexpr int OB = int(sizeof(OutT));
-  using S = Smem<BN, OB>;
+  using S = Smem<BN, OutBufferBytes<BN, OutT, EPI>()>;
   constexpr int STAGES = S::kStages;
   constexpr int R = BN / 2;  // accumulator registers per thread (64 rows x BN per warpgroup)
   extern __shared__ uint8_t smem_raw[];
   S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int tid = threadIdx.x;
-  const int num_units = (n + BN - 1) / BN, kb_count = k / BK, nb_count = n / 128;
+  const int n_out = EPI == kActGated ? n / 2 : n;  // columns of d
+  const int num_units = (n_out + BN - 1) / BN, kb_count = k / BK, nb_count = n / 128;
 
   // Group offsets (clamped to [0, m], made non-decreasing) and the prefix of row tiles, in
   // parallel: a serial walk by one thread costs ~0.1 us of load latency per group (25 us at 256).
@@ -253,12 +301,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
         int g, row0, end, n0;
         TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
-        for (int kb = 0; kb < kb_count; ++kb) {
-          MbarWait(&s.empty[stage], phase ^ 1);
-          MbarExpectTx(&s.full[stage], S::kStageBytes);
-          TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
-          TmaLoad(s.b[stage], &map_b, &s.full[stage], kb * BK, g * n + n0);
-          if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        for (int p = 0; p < kPasses; ++p) {
+          const int2 br = BRows<EPI>(n0, p, n_out);
+          for (int kb = 0; kb < kb_count; ++kb) {
+            MbarWait(&s.empty[stage], phase ^ 1);
+            MbarExpectTx(&s.full[stage], S::kStageBytes);
+            TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
+            if (kAct) {  // two 64-row boxes: the same swizzled layout as one 128-row box
+              TmaLoad(s.b[stage], &map_b, &s.full[stage], kb * BK, g * n + br.x);
+              TmaLoad(s.b[stage] + 64 * BK, &map_b, &s.full[stage], kb * BK, g * n + br.y);
+            } else {
+              TmaLoad(s.b[stage], &map_b, &s.full[stage], kb * BK, g * n + n0);
+            }
+            if (++stage == STAGES) { stage = 0; phase ^= 1; }
+          }
         }
       }
     } else if (tid >= 32 && tid < 64) {  // warp 1: the scales of every K block
@@ -270,22 +326,26 @@ __global__ void __launch_bounds__(kThreads, 1)
         TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
         const int g0 = s.offsets[g], rows_g = end - g0;
         const float* sa = a_scale + int64_t(g0) * kb_count + (row0 - g0);
-        const int nb0 = min(n0 / 128, nb_count - 1), nb1 = min((n0 + BN - 1) / 128, nb_count - 1);
         const float* sb = b_scale + int64_t(g) * nb_count * kb_count;
-        for (int kb = 0; kb < kb_count; ++kb) {
-          float v[BM / 32];
+        for (int p = 0; p < kPasses; ++p) {
+          const int2 br = BRows<EPI>(n0, p, n_out);
+          const int nb0 = kAct ? br.x / 128 : min(n0 / 128, nb_count - 1);
+          const int nb1 = kAct ? br.y / 128 : min((n0 + BN - 1) / 128, nb_count - 1);
+          for (int kb = 0; kb < kb_count; ++kb) {
+            float v[BM / 32];
 #pragma unroll
-          for (int i = 0; i < BM / 32; ++i) {
-            const int r = lane + 32 * i;
-            v[i] = row0 + r < end ? __ldg(sa + int64_t(kb) * rows_g + r) : 0.0f;
+            for (int i = 0; i < BM / 32; ++i) {
+              const int r = lane + 32 * i;
+              v[i] = row0 + r < end ? __ldg(sa + int64_t(kb) * rows_g + r) : 0.0f;
+            }
+            const float vb = lane < 2 ? __ldg(sb + int64_t(lane == 0 ? nb0 : nb1) * kb_count + kb) : 0.0f;
+            MbarWait(&s.empty[stage], phase ^ 1);
+#pragma unroll
+            for (int i = 0; i < BM / 32; ++i) s.sa[stage][lane + 32 * i] = v[i];
+            if (lane < 2) s.sb[stage][lane] = vb;
+            MbarArrive(&s.full[stage]);
+            if (++stage == STAGES) { stage = 0; phase ^= 1; }
           }
-          const float vb = lane < 2 ? __ldg(sb + int64_t(lane == 0 ? nb0 : nb1) * kb_count + kb) : 0.0f;
-          MbarWait(&s.empty[stage], phase ^ 1);
-#pragma unroll
-          for (int i = 0; i < BM / 32; ++i) s.sa[stage][lane + 32 * i] = v[i];
-          if (lane < 2) s.sb[stage][lane] = vb;
-          MbarArrive(&s.full[stage]);
-          if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
       }
     }
@@ -305,53 +365,103 @@ __global__ void __launch_bounds__(kThreads, 1)
       int g, row0, end, n0;
       TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
       const int row0h = row0 + (wg - 1) * 64;
-      if (row0h >= end) {  // no row of this half: thread 0 waits and releases, the others skip
+      // tile columns below `split` use the first weight-block scale
+      const int split = kAct ? 64 : (n0 / 128 + 1) * 128 - n0;
+      float act[kAct ? 64 : 1];
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) acc[i] = 0.0f;
         for (int kb = 0; kb < kb_count; ++kb) {
-          if (ct == 0) {
-            MbarWait(&s.full[stage], phase);
-            MbarArrive(&s.empty[stage]);
-          }
+          MbarWait(&s.full[stage], phase);
+          const int st = stage;
+          const float b0 = s.sb[st][0], b1 = s.sb[st][1];
+          const float f0a = s.sa[st][r_in], f1a = s.sa[st][r_in + 8];
+          const uint64_t da = SmemDesc(s.a[st] + (wg - 1) * 64 * BK);
+          const uint64_t db = SmemDesc(s.b[st]);
+          WgmmaFence();
+#pragma unroll
+          for (int kk = 0; kk < BK / 32; ++kk) Wgmma(part, da + 2 * kk, db + 2 * kk, kk > 0);
+          WgmmaCommit();
           next();
+          WgmmaWait0();
+          if (ct == 0) MbarArrive(&s.empty[st]);
+#pragma unroll
+          for (int j = 0; j < BN / 8; ++j) {  // 8-column groups never straddle a scale block
+            const float sb = (8 * j < split) ? b0 : b1;
+            const float f0 = f0a * sb, f1 = f1a * sb;
+            acc[4 * j + 0] += part[4 * j + 0] * f0;
+            acc[4 * j + 1] += part[4 * j + 1] * f0;
+            acc[4 * j + 2] += part[4 * j + 2] * f1;
+            acc[4 * j + 3] += part[4 * j + 3] * f1;
+          }
         }
-        continue;
-      }
-      const int split = (n0 / 128 + 1) * 128 - n0;  // tile columns below this use the first scale
+        if constexpr (EPI == kActGated) {
+          float half[32];  // this pass's 64 columns
+          if (activation == kGeglu) ActivateTile<kGeglu, EPI>(acc, half);
+          else ActivateTile<kSwiglu, EPI>(acc, half);
+          float* keep = reinterpret_cast<float*>(out);  // [32][128 threads]: conflict free
+          if (p == 0) {
+            if (ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            WarpgroupBarrier(wg);  // the previous tile's store has read the buffer
 #pragma unroll
-      for (int i = 0; i < R; ++i) acc[i] = 0.0f;
-      for (int kb = 0; kb < kb_count; ++kb) {
-        MbarWait(&s.full[stage], phase);
-        const int st = stage;
-        const float b0 = s.sb[st][0], b1 = s.sb[st][1];
-        const float f0a = s.sa[st][r_in], f1a = s.sa[st][r_in + 8];
-        const uint64_t da = SmemDesc(s.a[st] + (wg - 1) * 64 * BK);
-        const uint64_t db = SmemDesc(s.b[st]);
-        WgmmaFence();
+            for (int i = 0; i < 32; ++i) keep[i * 128 + ct] = half[i];
+          } else {
 #pragma unroll
-        for (int kk = 0; kk < BK / 32; ++kk) Wgmma(part, da + 2 * kk, db + 2 * kk, kk > 0);
-        WgmmaCommit();
-        next();
-        WgmmaWait0();
-        if (ct == 0) MbarArrive(&s.empty[st]);
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {  // 8-column groups never straddle a scale block
-          const float sb = (8 * j < split) ? b0 : b1;
-          const float f0 = f0a * sb, f1 = f1a * sb;
-          acc[4 * j + 0] += part[4 * j + 0] * f0;
-          acc[4 * j + 1] += part[4 * j + 1] * f0;
-          acc[4 * j + 2] += part[4 * j + 2] * f1;
-          acc[4 * j + 3] += part[4 * j + 3] * f1;
+            for (int i = 0; i < 32; ++i) {
+              act[i] = keep[i * 128 + ct];
+              act[32 + i] = half[i];
+            }
+          }
+        } else if constexpr (EPI == kActPlain) {
+          if (activation == kRelu2) ActivateTile<kRelu2, EPI>(acc, act);
+          else ActivateTile<kIdentity, EPI>(acc, act);
         }
       }
-      // epilogue: registers -> swizzled shared memory -> global
-      if (ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-      WarpgroupBarrier(wg);  // the previous tile's store has read the buffer
+      if constexpr (kAct) {
+        // step 4: per row, amax over the 128 columns (32 in this thread, the rest in the 3 other
+        // lanes of the row), s = max(amax / 448, FLT_MIN), q = fp8(a / s)
+        float amax0 = 0.0f, amax1 = 0.0f;
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const int cb = (8 * j + (lane % 4) * 2) * OB;  // byte column in the tile
-        const int box = cb / 128, chunk = (cb % 128) / 16, w = cb % 16;
-        uint8_t* p = out + box * 8192 + rl0 * 128 + ((chunk ^ (rl0 & 7)) << 4) + w;
-        Put2(p, acc[4 * j + 0], acc[4 * j + 1], OutT());
-        Put2(p + 8 * 128, acc[4 * j + 2], acc[4 * j + 3], OutT());  // row rl0 + 8: same swizzle
+        for (int j = 0; j < 16; ++j) {
+          amax0 = fmaxf(amax0, fmaxf(fabsf(act[4 * j + 0]), fabsf(act[4 * j + 1])));
+          amax1 = fmaxf(amax1, fmaxf(fabsf(act[4 * j + 2]), fabsf(act[4 * j + 3])));
+        }
+#pragma unroll
+        for (int o = 1; o <= 2; o *= 2) {
+          amax0 = fmaxf(amax0, __shfl_xor_sync(0xffffffffu, amax0, o));
+          amax1 = fmaxf(amax1, __shfl_xor_sync(0xffffffffu, amax1, o));
+        }
+        const float s0 = fmaxf(amax0 / 448.0f, FLT_MIN), s1 = fmaxf(amax1 / 448.0f, FLT_MIN);
+        if (lane % 4 == 0) {  // scale(row r of group g, block c) = d_scale[g0 * I/128 + c * rows_g + r - g0]
+          const int g0 = s.offsets[g];
+          float* ds = d_scale + int64_t(g0) * (n_out / 128) + int64_t(n0 / 128) * (end - g0) - g0;
+          if (row0h + rl0 < end) ds[row0h + rl0] = s0;
+          if (row0h + rl0 + 8 < end) ds[row0h + rl0 + 8] = s1;
+        }
+        if (EPI == kActPlain && ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        WarpgroupBarrier(wg);  // the previous tile's store (gated: every thread's pass-0 values) read
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const int cb = 8 * j + (lane % 4) * 2;  // byte column in the 128-byte row
+          uint8_t* q = out + rl0 * 128 + (((cb >> 4) ^ (rl0 & 7)) << 4) + (cb & 15);
+          *reinterpret_cast<__nv_fp8x2_storage_t*>(q) =
+              __nv_cvt_float2_to_fp8x2(make_float2(act[4 * j + 0] / s0, act[4 * j + 1] / s0), __NV_SATFINITE, __NV_E4M3);
+          *reinterpret_cast<__nv_fp8x2_storage_t*>(q + 8 * 128) =
+              __nv_cvt_float2_to_fp8x2(make_float2(act[4 * j + 2] / s1, act[4 * j + 3] / s1), __NV_SATFINITE, __NV_E4M3);
+        }
+      } else {
+        // epilogue: registers -> swizzled shared memory -> global
+        if (ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        WarpgroupBarrier(wg);  // the previous tile's store has read the buffer
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int cb = (8 * j + (lane % 4) * 2) * OB;  // byte column in the tile
+          const int box = cb / 128, chunk = (cb % 128) / 16, w = cb % 16;
+          uint8_t* p = out + box * 8192 + rl0 * 128 + ((chunk ^ (rl0 & 7)) << 4) + w;
+          Put2(p, acc[4 * j + 0], acc[4 * j + 1], OutT());
+          Put2(p + 8 * 128, acc[4 * j + 2], acc[4 * j + 3], OutT());  // row rl0 + 8: same swizzle
+        }
       }
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       WarpgroupBarrier(wg);
@@ -366,8 +476,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int q = ct; q < 64 * kChunksPerRow; q += 128) {
           const int row = q / kChunksPerRow, cc = q % kChunksPerRow, col = n0 + cc * 16 / OB;
           const uint8_t* src = out + (cc / 8) * 8192 + row * 128 + (((cc % 8) ^ (row & 7)) << 4);
-          if (row0h + row < end && col < n)
-            *reinterpret_cast<int4*>(d + int64_t(row0h + row) * n + col) = *reinterpret_cast<const int4*>(src);
+          if (row0h + row < end && col < n_out)
+            *reinterpret_cast<int4*>(d + int64_t(row0h + row) * n_out + col) = *reinterpret_cast<const int4*>(src);
         }
       }
     }
@@ -404,37 +514,118 @@ bool EncodeMap(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, class OutT>
+template <int BN, class OutT, int EPI>
 cudaError_t Launch(cudaStream_t stream, int g, int m, int n, int k, const void* a, const float* a_scale, const void* b,
-                   const float* b_scale, const int32_t* offsets, void* d, const char** what) {
+                   const float* b_scale, const int32_t* offsets, void* d, float* d_scale, int activation,
+                   const char** what) {
+  const int n_out = EPI == kActGated ? n / 2 : n;
   CUtensorMap map_a, map_b, map_d;
-  if (!EncodeMap(&map_a, a, m, k, 1, BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, BN) ||
-      !EncodeMap(&map_d, d, m, n, int(sizeof(OutT)), 64)) {
+  if (!EncodeMap(&map_a, a, m, k, 1, BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, EPI == kStore ? BN : 64) ||
+      !EncodeMap(&map_d, d, m, n_out, int(sizeof(OutT)), 64)) {
     *what = "cuTensorMapEncodeTiled failed";
     return cudaErrorInvalidValue;
   }
-  const size_t smem = sizeof(Smem<BN, int(sizeof(OutT))>) + 1024;
-  static_assert(sizeof(Smem<BN, int(sizeof(OutT))>) + 1024 <= kSmemLimit, "shared memory");
-  auto kernel = OwnGroupedGemmKernel<BN, OutT>;
+  using S = Smem<BN, OutBufferBytes<BN, OutT, EPI>()>;
+  const size_t smem = sizeof(S) + 1024;
+  static_assert(sizeof(S) + 1024 <= kSmemLimit, "shared memory");
+  auto kernel = OwnGroupedGemmKernel<BN, OutT, EPI>;
   *what = "cudaFuncSetAttribute";
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   *what = "kernel launch";
   kernel<<<NumSms(), kThreads, smem, stream>>>(map_a, map_b, map_d, a_scale, b_scale, offsets, g, m, n, k,
-                                          static_cast<OutT*>(d));
+                                               static_cast<OutT*>(d), d_scale, activation);
   return cudaGetLastError();
+}
+
+// GEMM1 of an MoE with SPEC 3 steps 3-4 in its epilogue: the result of act_quant(grouped_gemm)
+// without GEMM1's float32 [M, N] output going through memory.
+ffi::Error Gemm1ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
+                             ffi::Buffer<ffi::F32> b_scale, ffi::Buffer<ffi::S32> offsets,
+                             ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::Buffer<ffi::F32>> q_scale,
+                             int32_t activation) {
+  const char* op = "jax_moe_gemm1_act_quant";
+  if (!IsSupportedActivation(activation))
+    return InvalidArgument(std::string(op) + ": activation: expected Swiglu (3), Geglu (4), Relu2 (6) or Identity (9), got " +
+                           std::to_string(activation));
+  const bool gated = IsGatedActivation(activation);
+  GemmShape sh;
+  JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
+  const int64_t inter = gated ? sh.n / 2 : sh.n;
+  if (inter % 128 != 0)
+    return InvalidArgument(std::string(op) + ": b: N (dimension 1) must be " + (gated ? "2*I" : "I") +
+                           " with I a multiple of 128, got " + std::to_string(sh.n));
+  if (!IsFp8E4M3(*q)) return InvalidArgument(std::string(op) + ": output: expected dtype float8_e4m3fn");
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*q, "jax_moe_gemm1_act_quant: output", {sh.m, inter}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*q_scale, "jax_moe_gemm1_act_quant: output scales", {sh.m * inter / 128}));
+  JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, sh.g, {a.untyped_data(), b.untyped_data(), q->untyped_data()}));
+  if (sh.m == 0 || inter == 0) return ffi::Error::Success();
+  const char* what = "";
+  auto launch = gated ? Launch<128, uint8_t, kActGated> : Launch<128, uint8_t, kActPlain>;
+  cudaError_t err = launch(stream, int(sh.g), int(sh.m), int(sh.n), int(sh.k), a.untyped_data(), a_scale.typed_data(),
+                           b.untyped_data(), b_scale.typed_data(), offsets.typed_data(), q->untyped_data(),
+                           q_scale->typed_data(), activation, &what);
+  if (err != cudaSuccess) return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
+  return ffi::Error::Success();
 }
 
 }  // namespace
 
+ffi::Error CheckGemmOperands(const char* op, const ffi::AnyBuffer& a, const ffi::Buffer<ffi::F32>& a_scale,
+                             const ffi::AnyBuffer& b, const ffi::Buffer<ffi::F32>& b_scale,
+                             const ffi::Buffer<ffi::S32>& offsets, GemmShape* shape) {
+  const std::string o(op);
+  if (!IsFp8E4M3(a)) return InvalidArgument(o + ": a: dtype must be float8_e4m3fn");
+  if (!IsFp8E4M3(b)) return InvalidArgument(o + ": b: dtype must be float8_e4m3fn");
+  if (a.dimensions().size() != 2) return InvalidArgument(o + ": a: expected rank 2 [M, K]");
+  if (b.dimensions().size() != 3) return InvalidArgument(o + ": b: expected rank 3 [G, N, K]");
+  const int64_t m = Dim(a, 0), k = Dim(a, 1), g = Dim(b, 0), n = Dim(b, 1);
+  if (k <= 0 || k % 128 != 0)
+    return InvalidArgument(o + ": a: K (dimension 1) must be a positive multiple of 128, got " + std::to_string(k));
+  if (n % 128 != 0)
+    return InvalidArgument(o + ": b: N (dimension 1) must be a multiple of 128, got " + std::to_string(n));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(b, (o + ": b").c_str(), {g, n, k}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(a_scale, (o + ": a_scale").c_str(), {m * (k / 128)}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(b_scale, (o + ": b_scale").c_str(), {g, n / 128, k / 128}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(offsets, (o + ": expert_offsets").c_str(), {g + 1}));
+  if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || g > INT32_MAX / 2 || m * (k / 128) > INT32_MAX ||
+      g * n > INT32_MAX)
+    return InvalidArgument(o + ": sizes exceed the 32-bit range of the kernel");
+  *shape = GemmShape{m, n, k, g};
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_list<const void*> tma_buffers) {
+  if (num_groups > kOwnGemmMaxGroups)
+    return InvalidArgument(std::string(op) + ": the own kernel takes at most " + std::to_string(kOwnGemmMaxGroups) +
+                           " groups, got " + std::to_string(num_groups));
+  for (const void* p : tma_buffers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+      return InvalidArgument(std::string(op) + ": a, b and the output must be 16-byte aligned for TMA");
+  return ffi::Error::Success();
+}
+
 cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, int block_n, bool f32_out, int num_groups, int m, int n, int k,
                                  const void* a, const float* a_scale, const void* b, const float* b_scale,
                                  const int32_t* offsets, void* d, const char** what) {
-  if (block_n == 192)
-    return f32_out ? Launch<192, float>(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, what)
-                   : Launch<192, __nv_bfloat16>(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, what);
-  return f32_out ? Launch<128, float>(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, what)
-                 : Launch<128, __nv_bfloat16>(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, what);
+  auto launch = block_n == 192 ? (f32_out ? Launch<192, float, kStore> : Launch<192, __nv_bfloat16, kStore>)
+                               : (f32_out ? Launch<128, float, kStore> : Launch<128, __nv_bfloat16, kStore>);
+  return launch(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, nullptr, 0, what);
 }
+
+XLA_FFI_DEFINE_HANDLER(Gemm1ActQuantHandler, Gemm1ActQuantImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()          // a: fp8 [M, K] (permuted rows)
+                           .Arg<ffi::Buffer<ffi::F32>>()   // a_scale [M*K/128], grouped MN-major
+                           .Arg<ffi::AnyBuffer>()          // b: fp8 [G, N, K] (GEMM1 weights)
+                           .Arg<ffi::Buffer<ffi::F32>>()   // b_scale [G, N/128, K/128]
+                           .Arg<ffi::Buffer<ffi::S32>>()   // expert_offsets [G + 1]
+                           .Ret<ffi::AnyBuffer>()          // fp8 [M, I]
+                           .Ret<ffi::Buffer<ffi::F32>>()   // scales [M*I/128], grouped MN-major
+                           .Attr<int32_t>("activation"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_gemm1_act_quant", Gemm1ActQuantHandler);
 
 }  // namespace jax_moe

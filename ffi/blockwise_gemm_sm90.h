@@ -1,14 +1,34 @@
-// The own TMA + wgmma blockwise-FP8 grouped GEMM (blockwise_gemm_sm90.cu), called by the
-// "jax_moe_grouped_gemm" handler for its "own" tile configs after it has checked the arguments.
+// The own TMA + wgmma blockwise-FP8 grouped GEMM (blockwise_gemm_sm90.cu): called by the
+// "jax_moe_grouped_gemm" handler for its "own" tile configs after it has checked the arguments,
+// and the kernel of the "jax_moe_gemm1_act_quant" target (GEMM1 with the activation and FP8
+// re-quantization in its epilogue). The operand checks both handlers share.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
+
+#include "ffi_common.h"
 
 namespace jax_moe {
 
 constexpr int kOwnGemmMaxGroups = 512;  // group offsets live in shared memory
+
+struct GemmShape {
+  int64_t m, n, k, g;  // a [M, K], b [G, N, K]
+};
+
+// a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major), b fp8 [G, N, K], b_scale f32
+// [G, N/128, K/128], expert_offsets int32 [G + 1]; K and N multiples of 128; sizes within the
+// kernels' 32-bit range. `op` names the target in the error.
+ffi::Error CheckGemmOperands(const char* op, const ffi::AnyBuffer& a, const ffi::Buffer<ffi::F32>& a_scale,
+                             const ffi::AnyBuffer& b, const ffi::Buffer<ffi::F32>& b_scale,
+                             const ffi::Buffer<ffi::S32>& offsets, GemmShape* shape);
+
+// What the own kernel needs beyond that: at most kOwnGemmMaxGroups groups, 16-byte aligned
+// buffers for TMA.
+ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_list<const void*> tma_buffers);
 
 // block_n: 128 or 192 output columns per tile; d is float32 if f32_out, else bfloat16. a, b and d
 // must be 16-byte aligned and k, n multiples of 128 (TMA). On failure *what names the step.

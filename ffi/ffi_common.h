@@ -78,6 +78,11 @@ inline ffi::Error CheckOffsets(const ffi::Buffer<ffi::S32>& offsets, const char*
   return ffi::Error::Success();
 }
 
+// Activations of SPEC section 3 step 3 (the ActivationType values of jax_moe/enums.py).
+enum Activation : int32_t { kSwiglu = 3, kGeglu = 4, kRelu2 = 6, kIdentity = 9 };
+inline bool IsGatedActivation(int32_t a) { return a == kSwiglu || a == kGeglu; }
+inline bool IsSupportedActivation(int32_t a) { return IsGatedActivation(a) || a == kRelu2 || a == kIdentity; }
+
 inline unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 
@@ -114,6 +119,27 @@ __device__ __forceinline__ int FindGroup(const int* offsets, int num_groups, int
     if (offsets[mid] <= r) lo = mid + 1; else hi = mid;
   }
   return lo - 1;
+}
+
+__device__ __forceinline__ float GeluTanh(float x) {
+  // 0.5 * x * (1 + tanh(c * (x + 0.044715 * x * x * x))), evaluated left to right like the
+  // reference.
+  const float inner = x + ((0.044715f * x) * x) * x;
+  return (0.5f * x) * (1.0f + tanhf(0.7978845608028654f * inner));
+}
+
+// Step 3 in float32, in the reference's order of operations: the gated activations act on
+// `gate` (second half of the GEMM1 row) and multiply by `x` (first half, "up"); the others act
+// on `x` and ignore `gate`.
+template <int ACT>
+__device__ __forceinline__ float Activate(float x, float gate) {
+  if (ACT == kSwiglu) return gate / (1.0f + expf(-gate)) * x;
+  if (ACT == kGeglu) return GeluTanh(gate) * x;
+  if (ACT == kRelu2) {
+    const float v = fmaxf(x, 0.0f);
+    return v * v;
+  }
+  return x;
 }
 
 // float32 value of a float or bfloat16 element (exact).

@@ -385,38 +385,18 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
     return InvalidArgument(std::string(op) + ": tile: expected 1, 2, 3, 6 or 7" +
                            (kExperimentTiles ? std::string(" (4, 5: experiment build)") : std::string()) +
                            ", got " + std::to_string(tile));
-  if (!IsFp8E4M3(a)) return InvalidArgument(std::string(op) + ": a: dtype must be float8_e4m3fn");
-  if (!IsFp8E4M3(b)) return InvalidArgument(std::string(op) + ": b: dtype must be float8_e4m3fn");
+  GemmShape sh;
+  JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
+  const int64_t m = sh.m, n = sh.n, k = sh.k, g = sh.g;
   const bool f32_out = d->element_type() == ffi::DataType::F32;
   if (!f32_out && d->element_type() != ffi::DataType::BF16)
     return InvalidArgument(std::string(op) + ": d: output dtype must be bfloat16 or float32");
-  if (a.dimensions().size() != 2) return InvalidArgument(std::string(op) + ": a: expected rank 2 [M, K]");
-  if (b.dimensions().size() != 3) return InvalidArgument(std::string(op) + ": b: expected rank 3 [G, N, K]");
-  const int64_t m = Dim(a, 0), k = Dim(a, 1);
-  const int64_t g = Dim(b, 0), n = Dim(b, 1);
-  if (k <= 0 || k % kBlock != 0)
-    return InvalidArgument(std::string(op) + ": a: K (dimension 1) must be a positive multiple of 128, got " +
-                           std::to_string(k));
-  if (n % kBlock != 0)
-    return InvalidArgument(std::string(op) + ": b: N (dimension 1) must be a multiple of 128, got " +
-                           std::to_string(n));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(b, "jax_moe_grouped_gemm: b", {g, n, k}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(a_scale, "jax_moe_grouped_gemm: a_scale", {m * (k / kBlock)}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(b_scale, "jax_moe_grouped_gemm: b_scale", {g, n / kBlock, k / kBlock}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(offsets, "jax_moe_grouped_gemm: expert_offsets", {g + 1}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*d, "jax_moe_grouped_gemm: d", {m, n}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*workspace, "jax_moe_grouped_gemm: workspace", {-1}));
-  if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || g > INT32_MAX / 2 || m * (k / kBlock) > INT32_MAX)
-    return InvalidArgument(std::string(op) + ": sizes exceed the 32-bit range of the kernel");
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
 
   if (tile == kOwn128 || tile == kOwn192) {
-    if (g > kOwnGemmMaxGroups)
-      return InvalidArgument(std::string(op) + ": tile own128/own192 takes at most " +
-                             std::to_string(kOwnGemmMaxGroups) + " groups, got " + std::to_string(g));
-    for (const void* p : {a.untyped_data(), b.untyped_data(), d->untyped_data()})
-      if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
-        return InvalidArgument(std::string(op) + ": a, b and d must be 16-byte aligned for TMA");
+    JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, g, {a.untyped_data(), b.untyped_data(), d->untyped_data()}));
     const char* what = "";
     cudaError_t err = LaunchOwnGroupedGemm(stream, tile == kOwn192 ? 192 : 128, f32_out, int(g), int(m), int(n),
                                            int(k), a.untyped_data(), a_scale.typed_data(), b.untyped_data(),

@@ -1,6 +1,7 @@
 """The public MoE functions: validate once, choose the backend, run the stages.
 
-Stages (ARCHITECTURE.md): route -> plan -> permute -> gemm1 -> act_quant -> gemm2 -> finalize.
+Stages (ARCHITECTURE.md): route -> plan -> permute -> gemm1 -> act_quant -> gemm2 -> finalize
+(gemm1 + act_quant one stage: the CUDA path may fuse them).
 `reference` implements them in pure JAX, `ops` as CUDA custom calls; both share this driver.
 """
 from typing import NamedTuple
@@ -104,9 +105,8 @@ def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_sca
     # bf16 rounding here turns the ~1e-4 accumulation-order differences between backends into
     # flipped FP8 codes in the re-quantization (one fp8 ulp is 6-12 %).
     rows_per_group = expected_rows_per_expert(t, k, num_experts)  # sets the GEMM tile
-    g = stages.grouped_gemm(rows, row_scales, gemm1_weights, gemm1_weights_scale, plan,
-                            out_dtype=jnp.float32, rows_per_group=rows_per_group)
-    act, act_scales = stages.act_quant(g, plan, activation_type)
+    act, act_scales = stages.gemm1_act_quant(rows, row_scales, gemm1_weights, gemm1_weights_scale,
+                                             plan, activation_type, rows_per_group=rows_per_group)
     y = stages.grouped_gemm(act, act_scales, gemm2_weights, gemm2_weights_scale, plan,
                             rows_per_group=rows_per_group)
     out = stages.finalize(y, plan, topk_weights, do_finalize)

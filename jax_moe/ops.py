@@ -192,6 +192,61 @@ def act_quant(g, p: Plan, activation_type):
     )(g, p.expert_offsets, activation=_i32(activation_type))
 
 
+# --------------------------------------------------------------------------- GEMM1 + activation
+GEMM1_ENV = "JAX_MOE_GEMM1"
+GEMM1_MODES = ("auto", "fused", "split")
+
+
+def gemm1_fused_for(rows_per_group, num_groups):
+    """Whether "auto" runs the pipeline's GEMM1 with the activation and re-quantization fused
+    into its epilogue (`jax_moe_gemm1_act_quant`, the own kernel's 128-row tiles) rather than
+    as grouped_gemm (float32 out) + act_quant. Never, for now: on an H100 (tools/gemm1_probe.py,
+    tools/tile_sweep.py, benchmarks/RESULTS.md) the fused kernel saves act_quant's pass over
+    the float32 output but its main loop is slower than CUTLASS's at >= 128 rows per group and
+    no faster than the split stages below (prefill T=8192: 10.9-12.5 ms vs 8.9 ms split)."""
+    del rows_per_group, num_groups
+    return False
+
+
+def gemm1_act_quant_raw(a, a_scale, b, b_scale, expert_offsets, activation_type):
+    """`jax_moe_gemm1_act_quant`: a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major),
+    b fp8 [G, N, K] (N = 2I gated, I otherwise), b_scale f32 [G, N/128, K/128], offsets int32
+    [G+1] (G <= 512) -> (fp8 [M, I], scales f32 [M*I/128] grouped MN-major): act_quant of the
+    float32 grouped GEMM, computed in the GEMM's epilogue (no float32 [M, N] in memory). Rows
+    past offsets[G] are not written."""
+    m, _ = a.shape
+    g, n, _ = b.shape
+    i = n // 2 if is_gated(activation_type) else n
+    return _ffi_call(
+        "jax_moe_gemm1_act_quant",
+        (jax.ShapeDtypeStruct((m, i), FP8), jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32)),
+    )(a, a_scale, b, b_scale, expert_offsets, activation=_i32(activation_type))
+
+
+def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activation_type,
+                    rows_per_group=None):
+    """The pipeline's GEMM1 + act_quant stage: fused (`gemm1_act_quant_raw`) or split (float32
+    grouped GEMM, then `act_quant`), by `gemm1_fused_for` unless $JAX_MOE_GEMM1 says "fused" or
+    "split" (read at trace time). A tile forced by $JAX_MOE_GEMM_TILE means split, unless
+    $JAX_MOE_GEMM1 says otherwise."""
+    g = weights.shape[0]
+    rows_per_group = rows_per_group if rows_per_group is not None else rows.shape[0] / max(g, 1)
+    mode = os.environ.get(GEMM1_ENV, "auto")
+    if mode not in GEMM1_MODES:
+        raise ValueError(f"${GEMM1_ENV}: expected one of {GEMM1_MODES}, got {mode!r}")
+    if mode == "auto":
+        forced_tile = os.environ.get(TILE_ENV, "auto") != "auto"
+        fused = not forced_tile and gemm1_fused_for(rows_per_group, g)
+    else:
+        fused = mode == "fused"
+    if fused and g <= OWN_GEMM_MAX_GROUPS:
+        return gemm1_act_quant_raw(rows, row_scales, weights, weight_scales, p.expert_offsets,
+                                   activation_type)
+    h = grouped_gemm(rows, row_scales, weights, weight_scales, p, out_dtype=jnp.float32,
+                     rows_per_group=rows_per_group)
+    return act_quant(h, p, activation_type)
+
+
 # --------------------------------------------------------------------------- finalize
 def finalize(y, p: Plan, topk_weights, do_finalize=True):
     """`jax_moe_finalize`: GEMM2 rows bf16 [M, H], slot_to_row, weights [T, k] (bfloat16 or

@@ -164,6 +164,14 @@ def act_quant(g, p: Plan, activation_type):
     return quant.quantize_rows(activation(g, activation_type))
 
 
+def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activation_type,
+                    rows_per_group=None):
+    """Steps 2-4: GEMM1 in float32, then `act_quant` (the CUDA stage may fuse the two)."""
+    g = grouped_gemm(rows, row_scales, weights, weight_scales, p, out_dtype=jnp.float32,
+                     rows_per_group=rows_per_group)
+    return act_quant(g, p, activation_type)
+
+
 def finalize(y, p: Plan, topk_weights, do_finalize=True):
     """GEMM2 output rows [R, H] bf16 -> out bf16 [T, H] = sum_j w[t, j] * y[row(t, j)] in float32,
     or, with do_finalize=False, the unweighted expert outputs bf16 [T, k, H] (zeros if not local)."""

@@ -176,18 +176,27 @@ def test_deepseek_v3_expert_slice(deepseek_weights):
     check_close(cu, xl, "DeepSeek-V3 slice")
 
 
-def test_no_dense_expert_math_on_gpu():
+@pytest.mark.parametrize("gemm1", ["split", "fused"])
+def test_no_dense_expert_math_on_gpu(monkeypatch, gemm1):
     """The CUDA path runs every expert stage as our custom calls: no XLA dot in the HLO."""
+    monkeypatch.setenv(jax_moe.ops.GEMM1_ENV, gemm1)
+    jax.clear_caches()  # the variable is read when the op is traced
     args = inputs(9, 64, 256, 128, 32)
-    f = _fn(False, "cuda", **dict(sorted(dict(top_k=4, routing_method_type=R.Renormalize).items())))
-    hlo = f.lower(*args).compile().as_text()
-    for target in ("jax_moe_route", "jax_moe_plan", "jax_moe_permute", "jax_moe_grouped_gemm",
-                   "jax_moe_act_quant", "jax_moe_finalize"):
+    kw = dict(top_k=4, routing_method_type=R.Renormalize)
+    hlo = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw)).lower(
+        *args).compile().as_text()
+    targets = ["jax_moe_route", "jax_moe_plan", "jax_moe_permute", "jax_moe_grouped_gemm",
+               "jax_moe_finalize"]
+    targets += ["jax_moe_gemm1_act_quant"] if gemm1 == "fused" else ["jax_moe_act_quant"]
+    for target in targets:
         assert target in hlo, target
+    assert (gemm1 == "fused") != ('"jax_moe_act_quant"' in hlo)
     assert " dot(" not in hlo and "cublas" not in hlo.lower() and "ragged" not in hlo
 
 
 CMD_BUFFER_SCRIPT = textwrap.dedent("""
+    import sys, os
+    os.environ["JAX_MOE_GEMM1"] = sys.argv[1]
     import jax, jax.numpy as jnp, numpy as np, jax_moe
     from jax_moe.testing import random_moe_inputs
     kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
@@ -207,22 +216,26 @@ CMD_BUFFER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("gemm1", ["split", "fused"])
+def test_cuda_graph_capture_and_replay(gemm1):
     """With command buffers on for custom calls, XLA records the whole pipeline (our seven
-    custom calls) into one CUDA graph and replays it with correct results for new inputs.
-    XLA's command-buffer conversion pass logs which thunks each command buffer holds."""
+    custom calls, six with GEMM1 and act_quant fused) into one CUDA graph and replays it with
+    correct results for new inputs. XLA's command-buffer conversion pass logs which thunks each
+    command buffer holds."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL"
                         " --xla_gpu_graph_min_graph_size=1")
     env["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process may hold most of the GPU
     env["TF_CPP_VMODULE"] = "command_buffer_conversion_pass=2,command_buffer_thunk=2"
-    r = subprocess.run([sys.executable, "-c", CMD_BUFFER_SCRIPT], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", CMD_BUFFER_SCRIPT, gemm1], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     graphs = [l.split("thunks:", 1)[1] for l in r.stderr.splitlines()
               if "Creating command buffer thunk with the following thunks:" in l]
     captured = max((g.count("ffi_call") for g in graphs), default=0)
-    assert captured >= 7, "no command buffer holds the seven jax_moe custom calls:\n" + "\n".join(graphs)
+    calls = 6 if gemm1 == "fused" else 7
+    assert captured >= calls, f"no command buffer holds the {calls} jax_moe custom calls:\n" + "\n".join(graphs)
     assert "Executing warm up iteration of command buffer thunk" in r.stderr
     rel_line = [l for l in r.stdout.splitlines() if l.startswith("REPLAY_REL")]
     assert rel_line and float(rel_line[0].split()[1]) <= 1e-2, r.stdout
@@ -234,8 +247,24 @@ def test_every_gemm_tile_in_the_pipeline(monkeypatch, tile):
     output feeding act_quant, its bf16 GEMM2 output feeding finalize), ~75 rows per expert so
     that groups end inside half tiles, against the pure-JAX path."""
     monkeypatch.setenv(jax_moe.ops.TILE_ENV, tile)
+    jax.clear_caches()  # the variable is read when the op is traced
     args = inputs(40, 300, 256, 256, 16)
     kw = dict(top_k=4, routing_method_type=R.Renormalize)
     cu = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))(*args)
     xl = _fn(False, "xla", **kw)(*args)
     check_close(cu, xl, tile)
+
+
+@pytest.mark.parametrize("gemm1", ["split", "fused"])
+@pytest.mark.parametrize("act", [A.Swiglu, A.Geglu, A.Relu2, A.Identity], ids=lambda a: a.name)
+def test_gemm1_fused_and_split_in_the_pipeline(monkeypatch, act, gemm1):
+    """The whole op with GEMM1 + act_quant fused into the own kernel's epilogue or split, ~75
+    rows per expert (groups end inside half tiles), an expert slice at offset 8, against the
+    pure-JAX path; fused and split agree with each other to the same bound."""
+    monkeypatch.setenv(jax_moe.ops.GEMM1_ENV, gemm1)
+    jax.clear_caches()  # the variable is read when the op is traced
+    args = inputs(50 + int(act), 300, 256, 256, 24, e_loc=16, act=act)
+    kw = dict(top_k=4, routing_method_type=R.Renormalize, activation_type=act, local_expert_offset=8)
+    cu = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))(*args)
+    xl = _fn(False, "xla", **kw)(*args)
+    check_close(cu, xl, f"{act.name} {gemm1}")

@@ -60,7 +60,8 @@ def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
 
 
 def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
-    """The tile attributes of both GEMMs in the lowered CUDA pipeline."""
+    """GEMM1's and GEMM2's configs in the lowered CUDA pipeline: a tile name, or "fused" for
+    GEMM1 with act_quant in its epilogue (jax_moe_gemm1_act_quant)."""
     monkeypatch.setattr(_native, "register_targets", lambda: None)
     h, i, k = 256, 128, 8
     rng = np.random.default_rng(0)
@@ -73,25 +74,47 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
     fn = functools.partial(api.run_experts, ops, num_experts=e, local_expert_offset=0,
                            activation_type=jax_moe.ActivationType.Swiglu, do_finalize=True)
     text = jax.jit(fn).lower(ids, w, x, xs, w1, w1s, w2, w2s).as_text()
-    return [int(line.split("tile = ")[1].split(" ")[0]) for line in text.splitlines()
-            if "jax_moe_grouped_gemm" in line and "tile = " in line]
+    names = {v: name for name, v in ops.GEMM_TILES.items()}
+    gemms = []
+    for line in text.splitlines():
+        if "@jax_moe_gemm1_act_quant" in line:
+            gemms.append("fused")
+        elif "@jax_moe_grouped_gemm" in line and "tile = " in line:
+            gemms.append(names[int(line.split("tile = ")[1].split(" ")[0])])
+    return gemms
 
 
-@pytest.mark.parametrize("t, e, e_loc, want", [
-    (1, 256, 256, "swap32"), (16, 256, 256, "swap32"), (512, 256, 32, "swap32"),  # <= 16 rows
-    (1024, 256, 32, "64"),                                                         # 32 rows
-    (2048, 256, 256, "own128"), (2080, 256, 32, "128"), (4096, 256, 32, "128"),   # 64, 65, 128
+@pytest.mark.parametrize("t, e, e_loc, gemm1, gemm2", [
+    (1, 256, 256, "swap32", "swap32"), (16, 256, 256, "swap32", "swap32"),  # <= 16 rows
+    (512, 256, 32, "swap32", "swap32"),
+    (1024, 256, 32, "64", "64"),                                             # 32 rows
+    (2048, 256, 256, "own128", "own128"), (2080, 256, 32, "128", "128"),     # 64, 65 rows
+    (4096, 256, 32, "128", "128"),                                           # 128 rows
 ])
-def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc, want):
+def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc, gemm1, gemm2):
     """rows per local expert = T*k/E (not T*k/E_loc: a local slice receives ~E_loc/E of the
-    rows); both GEMMs use the config of jax_moe.ops.gemm_tile_for."""
+    rows) sets GEMM2's tile (jax_moe.ops.gemm_tile_for) and whether GEMM1 runs fused with
+    act_quant (jax_moe.ops.gemm1_fused_for) or split with the same tile as GEMM2."""
     monkeypatch.delenv(ops.TILE_ENV, raising=False)
-    assert _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc) == [ops.GEMM_TILES[want]] * 2
+    monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
+    assert _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc) == [gemm1, gemm2]
 
 
-def test_pipeline_tile_env_override(monkeypatch):
+def test_pipeline_env_overrides(monkeypatch):
+    """$JAX_MOE_GEMM_TILE forces both GEMMs' tile (GEMM1 then runs split); $JAX_MOE_GEMM1
+    forces GEMM1 fused or split."""
+    monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
     monkeypatch.setenv(ops.TILE_ENV, "64")
-    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == [ops.GEMM_TILES["64"]] * 2
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["64", "64"]
+    monkeypatch.setenv(ops.GEMM1_ENV, "fused")
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["fused", "64"]
+    monkeypatch.delenv(ops.TILE_ENV)
+    assert _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256) == ["fused", "swap32"]
+    monkeypatch.setenv(ops.GEMM1_ENV, "split")
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["own128", "own128"]
+    monkeypatch.setenv(ops.GEMM1_ENV, "both")
+    with pytest.raises(ValueError, match="JAX_MOE_GEMM1.*got 'both'"):
+        _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256)
 
 
 @pytest.mark.parametrize("offset", [0, 24])

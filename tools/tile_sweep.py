@@ -1,9 +1,10 @@
 """Device time of the jitted fp8_block_scale_moe for every grouped-GEMM tile config, at the
 DeepSeek-V3 workloads of bench_moe.py, in one process per expert count. The config is the
 GEMM's `tile` attribute, taken from JAX_MOE_GEMM_TILE when the op is traced, so every config
-gets its own trace (jax.clear_caches()).
+gets its own trace (jax.clear_caches()). An entry TILE/MODE also sets JAX_MOE_GEMM1 to MODE
+(fused: GEMM1 + act_quant in one kernel; split: GEMM1 with TILE, then act_quant).
 
-    python tools/tile_sweep.py [--tiles auto 64 128 swap32] [--reps 20]
+    python tools/tile_sweep.py [--tiles auto 64 128 swap32 auto/fused auto/split] [--reps 20]
 """
 import argparse
 import os
@@ -30,14 +31,17 @@ def main():
         for t in WORKLOADS[e_loc]:
             sets = token_sets(w, t)
             ms = []
-            for tile in args.tiles:
-                if tile == "auto":
-                    os.environ.pop("JAX_MOE_GEMM_TILE", None)
-                else:
-                    os.environ["JAX_MOE_GEMM_TILE"] = tile
+            for entry in args.tiles:
+                tile, _, gemm1 = entry.partition("/")
+                for var, value in (("JAX_MOE_GEMM_TILE", tile), ("JAX_MOE_GEMM1", gemm1 or "auto")):
+                    if value == "auto":
+                        os.environ.pop(var, None)
+                    else:
+                        os.environ[var] = value
                 jax.clear_caches()
                 ms.append(device_time(fn, sets, args.reps) * 1e3)
             os.environ.pop("JAX_MOE_GEMM_TILE", None)
+            os.environ.pop("JAX_MOE_GEMM1", None)
             rows = t * KW["top_k"] / E
             print(f"tile-sweep  {e_loc:5d}  {t:5d}  {rows:8.1f}  " + "  ".join(f"{m:8.3f}" for m in ms),
                   flush=True)
