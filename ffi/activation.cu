@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t valid_rows = min(static_cast<int64_t>(max(offs[num_groups], 0)), num_rows);
   const int64_t kb_count = inter / 128;
   const int64_t valid_units = valid_rows * kb_count;
-  constexpr bool kGated = ACT == kSwiglu || ACT == kGeglu;
+  constexpr bool kGated = IsGatedActivation(ACT);
   const int64_t in_cols = kGated ? 2 * inter : inter;
   const int half = (threadIdx.x & 31) >> 4;
   const int sub = threadIdx.x & 15;

@@ -107,6 +107,13 @@ __device__ __forceinline__ void WarpgroupBarrier(int wg) {
     asm volatile("bar.sync 2, 128;" ::: "memory");
 }
 
+// Before a math warpgroup writes its output buffer: its thread 0 (which issued the previous
+// tile's TMA store) waits until that store has read the buffer, then the warpgroup syncs.
+__device__ __forceinline__ void AwaitOutBuffer(int ct, int wg) {
+  if (ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+  WarpgroupBarrier(wg);
+}
+
 // Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
 // 1024 bytes apart. Advancing K by 32 bytes adds 2 to the start-address field.
 __device__ __forceinline__ uint64_t SmemDesc(const void* p) {
@@ -216,8 +223,8 @@ __device__ __forceinline__ void ActivateTile(const float (&acc)[64], float* act)
 }
 
 // One math warpgroup's output buffer: the output tile, or for kActGated also the float32
-// activations of pass 0 while pass 1 runs (kept there, not in registers: 32 more live registers
-// than acc + part spill inside the K loop at the 168-register cap).
+// activations of pass 0 while pass 1 runs (kept there rather than in registers, so that pass
+// 1's K loop holds no more live registers than acc + part under the 168-register cap).
 template <int BN, class OutT, int EPI>
 constexpr int OutBufferBytes() {
   return EPI == kActGated ? 64 * 64 * 4 : 64 * BN * int(sizeof(OutT));
@@ -307,7 +314,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             MbarWait(&s.empty[stage], phase ^ 1);
             MbarExpectTx(&s.full[stage], S::kStageBytes);
             TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
-            if (kAct) {  // two 64-row boxes: the same swizzled layout as one 128-row box
+            if constexpr (kAct) {  // two 64-row boxes: the same swizzled layout as one 128-row box
               TmaLoad(s.b[stage], &map_b, &s.full[stage], kb * BK, g * n + br.x);
               TmaLoad(s.b[stage] + 64 * BK, &map_b, &s.full[stage], kb * BK, g * n + br.y);
             } else {
@@ -402,8 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           else ActivateTile<kSwiglu, EPI>(acc, half);
           float* keep = reinterpret_cast<float*>(out);  // [32][128 threads]: conflict free
           if (p == 0) {
-            if (ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-            WarpgroupBarrier(wg);  // the previous tile's store has read the buffer
+            AwaitOutBuffer(ct, wg);
 #pragma unroll
             for (int i = 0; i < 32; ++i) keep[i * 128 + ct] = half[i];
           } else {
@@ -439,8 +445,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (row0h + rl0 < end) ds[row0h + rl0] = s0;
           if (row0h + rl0 + 8 < end) ds[row0h + rl0 + 8] = s1;
         }
-        if (EPI == kActPlain && ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-        WarpgroupBarrier(wg);  // the previous tile's store (gated: every thread's pass-0 values) read
+        if (EPI == kActPlain) AwaitOutBuffer(ct, wg);
+        else WarpgroupBarrier(wg);  // every thread has read its pass-0 values back
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
           const int cb = 8 * j + (lane % 4) * 2;  // byte column in the 128-byte row
@@ -452,8 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       } else {
         // epilogue: registers -> swizzled shared memory -> global
-        if (ct == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-        WarpgroupBarrier(wg);  // the previous tile's store has read the buffer
+        AwaitOutBuffer(ct, wg);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           const int cb = (8 * j + (lane % 4) * 2) * OB;  // byte column in the tile

@@ -80,8 +80,8 @@ inline ffi::Error CheckOffsets(const ffi::Buffer<ffi::S32>& offsets, const char*
 
 // Activations of SPEC section 3 step 3 (the ActivationType values of jax_moe/enums.py).
 enum Activation : int32_t { kSwiglu = 3, kGeglu = 4, kRelu2 = 6, kIdentity = 9 };
-inline bool IsGatedActivation(int32_t a) { return a == kSwiglu || a == kGeglu; }
-inline bool IsSupportedActivation(int32_t a) { return IsGatedActivation(a) || a == kRelu2 || a == kIdentity; }
+constexpr bool IsGatedActivation(int32_t a) { return a == kSwiglu || a == kGeglu; }
+constexpr bool IsSupportedActivation(int32_t a) { return IsGatedActivation(a) || a == kRelu2 || a == kIdentity; }
 
 inline unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 

@@ -128,8 +128,8 @@ def gemm_tile_for(rows_per_group, num_groups=1):
     """The config for `num_groups` groups of about `rows_per_group` rows (tools/tile_sweep.py on
     an H100, DeepSeek-V3 MoE, benchmarks/RESULTS.md): swapped operands with 32-token tiles win
     by 1-3 % up to 16 rows per group (decode, small expert-parallel slices) and lose badly
-    beyond 64; from 33 to 64 rows the own kernel (its empty half tiles skipped, its epilogue
-    overlapped) is ~3 % faster than CUTLASS's 128x128 tile (prefill T=2048), which wins above."""
+    beyond 64; from 33 to 64 rows the own kernel (no setup kernel, its epilogue overlapped) is
+    ~3 % faster than CUTLASS's 128x128 tile (prefill T=2048), which wins above."""
     if rows_per_group <= 16:
         return "swap32"
     if rows_per_group <= 32:

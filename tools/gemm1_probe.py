@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_moe import ActivationType, ops, quant
-from jax_moe.testing import device_time
+from jax_moe.testing import device_time, random_expert_weights
 
 N, K = 4096, 7168
 SHAPES = [(256, 64), (32, 128), (256, 256), (32, 512)]  # (groups, mean rows per group)
@@ -21,13 +21,12 @@ SHAPES = [(256, 64), (32, 128), (256, 256), (32, 512)]  # (groups, mean rows per
 def operands(key, g, rows, jitter):
     rng = np.random.default_rng(0)
     sizes = np.maximum(rng.normal(rows, jitter * rows, g).round(), 0).astype(int)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    offsets = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)]), jnp.int32)
     m = int(offsets[-1])
     ka, kb = jax.random.split(key)
-    a, a_s = jax.jit(lambda k: quant.quantize_rows(jax.random.normal(k, (m, K)) / np.sqrt(K)))(ka)
-    b, b_s = jax.jit(lambda k: quant.quantize_weights(jax.random.normal(k, (g, N, K), jnp.bfloat16)
-                                                      / np.sqrt(K)))(kb)
-    return (a, ops.rows_scales_to_grouped(a_s, jnp.asarray(offsets)), b, b_s, jnp.asarray(offsets)), m
+    a, a_s = quant.quantize_activations(jax.random.normal(ka, (m, K), jnp.float32))
+    b, b_s = random_expert_weights(kb, g, N, K)
+    return (a, ops.rows_scales_to_grouped(a_s.T, offsets), b, b_s, offsets), m
 
 
 def main():
@@ -39,11 +38,14 @@ def main():
                     help="one call of each variant between cudaProfilerStart/Stop (ncu --profile-from-start off)")
     args = ap.parse_args()
     act = ActivationType.Swiglu
+
+    def split(tile):  # float32 GEMM with `tile`, then act_quant
+        return lambda *x: ops.act_quant(ops.grouped_gemm_raw(*x, out_dtype=jnp.float32, tile=tile),
+                                        ops.Plan(x[4], None, None), act)
+
     variants = {
-        "split128": lambda *x: ops.act_quant(ops.grouped_gemm_raw(*x, out_dtype=jnp.float32, tile="128"),
-                                             ops.Plan(x[4], None, None), act),
-        "split_own": lambda *x: ops.act_quant(ops.grouped_gemm_raw(*x, out_dtype=jnp.float32, tile="own128"),
-                                              ops.Plan(x[4], None, None), act),
+        "split128": split("128"),
+        "split_own": split("own128"),
         "own_f32": lambda *x: ops.grouped_gemm_raw(*x, out_dtype=jnp.float32, tile="own128"),
         "own_bf16": lambda *x: ops.grouped_gemm_raw(*x, out_dtype=jnp.bfloat16, tile="own128"),
         "fused": lambda *x: ops.gemm1_act_quant_raw(*x, act),
@@ -54,25 +56,24 @@ def main():
     if args.shape:
         shapes = [(int(args.shape[0]), int(args.shape[1]), args.shape[2])]
     for g, rows, jitter in shapes:
-        if True:
-            x, m = operands(jax.random.PRNGKey(g + rows), g, rows, jitter)
-            if args.profile:
-                import torch  # cudaProfilerStart/Stop on the primary context JAX shares
-                for f in fns.values():
-                    jax.block_until_ready(f(*x))
-                torch.cuda.init()
-                torch.cuda.cudart().cudaProfilerStart()
-                for f in fns.values():
-                    jax.block_until_ready(f(*x))
-                torch.cuda.cudart().cudaProfilerStop()
-                continue
-            cells = []
+        x, m = operands(jax.random.PRNGKey(g + rows), g, rows, jitter)
+        if args.profile:
+            import torch  # cudaProfilerStart/Stop on the primary context JAX shares
             for f in fns.values():
-                t = device_time(f, [x], args.reps)
-                cells.append(f"{t * 1e3:8.3f}/{2 * m * N * K / t / 1e12:5.0f}")
-            print(f"gemm1-probe  {g:6d}  {rows:4d}  {jitter:6.1f} " + "".join(f"{c:>16}" for c in cells),
-                  flush=True)
-            del x
+                jax.block_until_ready(f(*x))
+            torch.cuda.init()
+            torch.cuda.cudart().cudaProfilerStart()
+            for f in fns.values():
+                jax.block_until_ready(f(*x))
+            torch.cuda.cudart().cudaProfilerStop()
+            continue
+        cells = []
+        for f in fns.values():
+            t = device_time(f, [x], args.reps)
+            cells.append(f"{t * 1e3:8.3f}/{2 * m * N * K / t / 1e12:5.0f}")
+        print(f"gemm1-probe  {g:6d}  {rows:4d}  {jitter:6.1f} " + "".join(f"{c:>16}" for c in cells),
+              flush=True)
+        del x
 
 
 if __name__ == "__main__":
