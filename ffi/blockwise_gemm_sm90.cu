@@ -1,5 +1,5 @@
 // Blockwise-FP8 grouped GEMM for Hopper (sm_90a) written directly on TMA + wgmma: the "own128"
-// and "own192" tile configs of the "jax_moe_grouped_gemm" target (grouped_gemm_sm90.cu checks
+// and "own64" tile configs of the "jax_moe_grouped_gemm" target (grouped_gemm_sm90.cu checks
 // the arguments and calls LaunchOwnGroupedGemm). Same contract and memory layouts as the
 // CUTLASS configs there:
 //
@@ -10,19 +10,23 @@
 // [G, N/128, K/128], groups = row ranges [offsets[g], offsets[g+1]), d bf16 or f32 [M, N]; rows
 // past offsets[G] are not written.
 //
-// Design (DeepGEMM-style): persistent CTAs walk the (group, 128-column block, 128-row tile)
-// list, ordered so that the row tiles sharing a weight tile run together. Per CTA:
-//   warpgroup 0: thread 0 issues the TMA loads of each 128-wide K block (A: 128 rows, B: BN
-//     rows) into a ring of shared-memory stages; warp 1 copies the K block's scales (128 row
-//     scales, up to two weight-block scales) into the same stage, so the math never waits on a
+// Design (DeepGEMM-style): persistent CTAs walk the (group, column block, row tile) list,
+// ordered so that the row tiles sharing a weight tile run together. Two tile shapes, BM x BN
+// (rows of a x rows of b): 128 x 128 ("own128": math warpgroup w on tile rows [64w, 64w+64))
+// and 64 x 256 ("own64": both on the same 64 rows, warpgroup w on b rows [128w, 128w+128)).
+// Either way a warpgroup computes a 64 x 128 block; own64 pads each group's rows to 64, not
+// 128, at the price of a 40 KB instead of 32 KB pipeline stage. Per CTA:
+//   warpgroup 0: thread 0 issues the TMA loads of each 128-wide K block (A: BM rows, B: BN rows
+//     in 64-row boxes) into a ring of shared-memory stages; warp 1 copies the K block's scales
+//     (BM row scales, two weight-block scales) into the same stage, so the math never waits on a
 //     global load. The stage's "full" barrier counts the TMA bytes and the 32 scale lanes.
-//   warpgroups 1, 2: 64 rows each, wgmma m64nBNk32 into a float32 partial per K block, then
+//   warpgroups 1, 2: wgmma m64n128k32 into a float32 partial per K block, then
 //     acc += partial * (row scale * weight scale) -- float32 promotion every 128 of K. Every
 //     tile runs all its MMAs, even a half past its group's end (zero row scales there): skipping
 //     such halves made tile costs unequal, the CTAs that share a weight tile drifted apart and
 //     re-read it from DRAM (ncu, 256 groups of 256 +- 20 % rows: 20 GB read for 8 GB of
 //     operands, 7.9 ms; without the skip 5.7 ms).
-//   epilogue: each math warpgroup writes its 64 x BN tile into shared memory (128-byte swizzled
+//   epilogue: each math warpgroup writes its 64 x 128 block into shared memory (128-byte swizzled
 //     boxes, bank-conflict free) and thread 0 stores it by TMA, asynchronously: the next tile's
 //     MMAs start while the store drains. A half tile that runs past its group's end is copied
 //     out by the warpgroup's threads with a row check instead (a TMA box cannot stop at a group
@@ -46,12 +50,22 @@
 namespace jax_moe {
 namespace {
 
-constexpr int BM = 128, BK = 128;
+constexpr int BK = 128;
 constexpr int kThreads = 384;  // warpgroup 0: loads; warpgroups 1, 2: math
 constexpr int kSmemLimit = 227 * 1024;
+constexpr int kTileSlots = 4;     // tile indices handed from the TMA thread to the other roles
+constexpr int kTileReaders = 9;   // the scale warp and the 8 math warps
 
-template <int BN, int OUT_BYTES>  // OUT_BYTES: one math warpgroup's output buffer
+// Rows of b per tile for BM rows of a (see the design note).
+template <int BM>
+constexpr int TileBRows() {
+  static_assert(BM == 128 || BM == 64, "tile rows");
+  return BM == 128 ? 128 : 256;
+}
+
+template <int BM, int OUT_BYTES>  // OUT_BYTES: one math warpgroup's output buffer
 struct Smem {
+  static constexpr int BN = TileBRows<BM>();
   static constexpr int kOutBytes = OUT_BYTES;
   static constexpr int kStageBytes = (BM + BN) * BK;
   static constexpr int kStages = std::min(6, (kSmemLimit - 2 * kOutBytes - 8 * 1024) / kStageBytes);
@@ -59,10 +73,14 @@ struct Smem {
   alignas(1024) uint8_t a[kStages][BM * BK];
   alignas(1024) uint8_t b[kStages][BN * BK];
   float sa[kStages][BM];  // row scales of the K block (0 past the group's end)
-  float sb[kStages][2];   // scales of the (up to two) 128-column weight blocks of the tile
+  float sb[kStages][2];   // scales of the two 128-row weight blocks the tile's b rows come from
+  float amax[2][64];      // own64 gated epilogue: each warpgroup's row maxima over its 64 columns
   uint64_t full[kStages];
   uint64_t empty[kStages];
-  int tile_start[kOwnGemmMaxGroups + 1];  // prefix sum of ceil(rows_g / 128)
+  uint64_t tile_full[kTileSlots];
+  uint64_t tile_empty[kTileSlots];
+  int tile[kTileSlots];
+  int tile_start[kOwnGemmMaxGroups + 1];  // prefix sum of ceil(rows_g / BM)
   int offsets[kOwnGemmMaxGroups + 1];
 };
 
@@ -114,6 +132,31 @@ __device__ __forceinline__ void AwaitOutBuffer(int ct, int wg) {
   WarpgroupBarrier(wg);
 }
 
+// Dynamic tile scheduling: a CTA's first tile is its blockIdx.x, each next one the TMA thread
+// claims from a global counter (zeroed before the launch) when it has issued the loads of the
+// previous one, and hands it to the scale warp and the math warps through a ring of kTileSlots
+// shared-memory slots. So consecutive tiles -- the row tiles that share a weight tile -- start
+// within a few hundred ns of each other however far the CTAs have drifted apart, and the second
+// reader finds the weights in L2 (a static blockIdx.x + i * gridDim.x walk let CTAs drift apart
+// under uneven group sizes and re-read weight tiles from DRAM).
+template <class S>
+__device__ __forceinline__ void PublishTile(S& s, int& slot, uint32_t& phase, int t) {
+  MbarWait(&s.tile_empty[slot], phase ^ 1);
+  s.tile[slot] = t;
+  MbarArrive(&s.tile_full[slot]);
+  if (++slot == kTileSlots) { slot = 0; phase ^= 1; }
+}
+// Every lane of the calling warp reads the tile; lane 0 releases the slot.
+template <class S>
+__device__ __forceinline__ int ReceiveTile(S& s, int& slot, uint32_t& phase, int lane) {
+  MbarWait(&s.tile_full[slot], phase);
+  const int t = s.tile[slot];
+  __syncwarp();
+  if (lane == 0) MbarArrive(&s.tile_empty[slot]);
+  if (++slot == kTileSlots) { slot = 0; phase ^= 1; }
+  return t;
+}
+
 // Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
 // 1024 bytes apart. Advancing K by 32 bytes adds 2 to the start-address field.
 __device__ __forceinline__ uint64_t SmemDesc(const void* p) {
@@ -124,7 +167,7 @@ __device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.al
 __device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void WgmmaWait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
 
-// d (+)= A[64 x 32] * B[BN x 32]^T, e4m3 inputs, float32 accumulators (scale_d = 0 overwrites).
+// d (+)= A[64 x 32] * B[128 x 32]^T, e4m3 inputs, float32 accumulators (scale_d = 0 overwrites).
 __device__ __forceinline__ void Wgmma(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -142,29 +185,6 @@ __device__ __forceinline__ void Wgmma(float (&d)[64], uint64_t desc_a, uint64_t 
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
-__device__ __forceinline__ void Wgmma(float (&d)[96], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
-      "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
-      "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
-      "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, "
-      "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, "
-      "%90, %91, %92, %93, %94, %95}, %96, %97, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
 
 __device__ __forceinline__ void Put2(uint8_t* p, float x, float y, float) {
   *reinterpret_cast<float2*>(p) = make_float2(x, y);
@@ -173,10 +193,11 @@ __device__ __forceinline__ void Put2(uint8_t* p, float x, float y, __nv_bfloat16
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
 }
 
-// Group, first row, the group's row end and first column of this CTA's linear tile t. A
-// group's tiles run column block-major, row tile fastest.
-template <class S>
-__device__ __forceinline__ void TileCoords(const S& s, int num_groups, int num_units, int bn, int t, int* g,
+// Group, first row, the group's row end and first output column of this CTA's linear tile t
+// (tiles of BM rows and tn output columns). A group's tiles run column block-major, row tile
+// fastest.
+template <int BM, class S>
+__device__ __forceinline__ void TileCoords(const S& s, int num_groups, int num_units, int tn, int t, int* g,
                                            int* row0, int* end, int* n0) {
   int lo = 0, hi = num_groups;  // the last g with tile_start[g] * num_units <= t
   while (lo < hi) {
@@ -186,7 +207,7 @@ __device__ __forceinline__ void TileCoords(const S& s, int num_groups, int num_u
   const int tiles = s.tile_start[lo + 1] - s.tile_start[lo];
   const int local = t - s.tile_start[lo] * num_units;
   *g = lo;
-  *n0 = (local / tiles) * bn;
+  *n0 = (local / tiles) * tn;
   *row0 = s.offsets[lo] + (local % tiles) * BM;
   *end = s.offsets[lo + 1];
 }
@@ -195,17 +216,26 @@ __device__ __forceinline__ void TileCoords(const S& s, int num_groups, int num_u
 //   kStore: d = the GEMM result, bf16 or f32 [M, N].
 //   kActGated, kActPlain: an MoE's GEMM1 with SPEC 3 steps 3-4 fused: d = fp8 [M, I], the
 //     activation re-quantized per 1x128 block, d_scale = the blocks' scales in the grouped
-//     MN-major layout of act_quant. A tile covers one 128-column quantization block. kActGated
-//     (Swiglu, Geglu; b's rows per group are [up (I); gate (I)]) runs two passes over K, each
-//     on 64 up + 64 gate rows of b, so a thread's accumulators hold the up and gate values of
-//     the same output columns; kActPlain (Relu2, Identity; N = I) runs one pass on 128 rows.
+//     MN-major layout of act_quant. kActGated (Swiglu, Geglu; b's rows per group are
+//     [up (I); gate (I)]) loads b in 64-row boxes alternating up and gate rows of the same
+//     columns, so a thread's accumulators hold the up and gate values of the same output
+//     columns; a tile is one 128-column quantization block: own128 runs two passes over K (64
+//     up + 64 gate rows each), own64 one pass with each warpgroup on 64 of the columns (the
+//     row maxima are combined through shared memory). kActPlain (Relu2, Identity; N = I): each
+//     warpgroup's 128 columns are one quantization block.
 enum Epilogue : int { kStore = 0, kActGated = 1, kActPlain = 2 };
 
-// First rows of b (within the group) of the tile's two 64-row halves in pass p.
+// Output columns of a tile.
+template <int BM, int EPI>
+constexpr int TileOutCols() {
+  return EPI == kActGated ? 128 : TileBRows<BM>();
+}
+
+// First row of b (within the group) of the tile's 64-row box i in pass p.
 template <int EPI>
-__device__ __forceinline__ int2 BRows(int n0, int p, int n_out) {
-  if (EPI == kActGated) return make_int2(n0 + 64 * p, n_out + n0 + 64 * p);
-  return make_int2(n0, n0 + 64);
+__device__ __forceinline__ int BBoxRow(int i, int n0, int p, int n_out) {
+  if (EPI == kActGated) return (i & 1 ? n_out : 0) + n0 + 64 * ((i >> 1) + p);
+  return n0 + 64 * i;
 }
 
 // Step 3 on a warpgroup's 64 x 128 accumulators into act (the layout of a 128-column
@@ -222,32 +252,69 @@ __device__ __forceinline__ void ActivateTile(const float (&acc)[64], float* act)
   }
 }
 
-// One math warpgroup's output buffer: the output tile, or for kActGated also the float32
-// activations of pass 0 while pass 1 runs (kept there rather than in registers, so that pass
-// 1's K loop holds no more live registers than acc + part under the 168-register cap).
-template <int BN, class OutT, int EPI>
-constexpr int OutBufferBytes() {
-  return EPI == kActGated ? 64 * 64 * 4 : 64 * BN * int(sizeof(OutT));
+// Per-row maxima of |act[0..cols/2)| for the thread's two rows, over the 4 lanes of the row.
+template <int N>
+__device__ __forceinline__ float2 RowAbsMax(const float* act) {
+  float amax0 = 0.0f, amax1 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    amax0 = fmaxf(amax0, fmaxf(fabsf(act[4 * j + 0]), fabsf(act[4 * j + 1])));
+    amax1 = fmaxf(amax1, fmaxf(fabsf(act[4 * j + 2]), fabsf(act[4 * j + 3])));
+  }
+#pragma unroll
+  for (int o = 1; o <= 2; o *= 2) {
+    amax0 = fmaxf(amax0, __shfl_xor_sync(0xffffffffu, amax0, o));
+    amax1 = fmaxf(amax1, __shfl_xor_sync(0xffffffffu, amax1, o));
+  }
+  return make_float2(amax0, amax1);
 }
 
-template <int BN, class OutT, int EPI>
+// fp8 codes of act[0..N) / scale into a 64 x 128-byte swizzled tile at byte column c0.
+template <int N>
+__device__ __forceinline__ void PutFp8(uint8_t* out, int rl0, int lane, int c0, const float* act, float s0, float s1) {
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    const int cb = c0 + 8 * j + (lane % 4) * 2;  // byte column in the 128-byte row
+    uint8_t* q = out + rl0 * 128 + (((cb >> 4) ^ (rl0 & 7)) << 4) + (cb & 15);
+    *reinterpret_cast<__nv_fp8x2_storage_t*>(q) =
+        __nv_cvt_float2_to_fp8x2(make_float2(act[4 * j + 0] / s0, act[4 * j + 1] / s0), __NV_SATFINITE, __NV_E4M3);
+    *reinterpret_cast<__nv_fp8x2_storage_t*>(q + 8 * 128) =
+        __nv_cvt_float2_to_fp8x2(make_float2(act[4 * j + 2] / s1, act[4 * j + 3] / s1), __NV_SATFINITE, __NV_E4M3);
+  }
+}
+
+// Named barrier of both math warpgroups (id 3).
+__device__ __forceinline__ void MathBarrier() { asm volatile("bar.sync 3, 256;" ::: "memory"); }
+
+// One math warpgroup's output buffer: its 64 x 128 output block; for own128 kActGated the
+// float32 activations of pass 0 while pass 1 runs (kept there rather than in registers, so that
+// pass 1's K loop holds no more live registers than acc + part under the 168-register cap).
+template <int BM, class OutT, int EPI>
+constexpr int OutBufferBytes() {
+  return EPI == kActGated && BM == 128 ? 64 * 64 * 4 : 64 * 128 * int(sizeof(OutT));
+}
+
+template <int BM, class OutT, int EPI>
 __global__ void __launch_bounds__(kThreads, 1)
     OwnGroupedGemmKernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                          const __grid_constant__ CUtensorMap map_d, const float* __restrict__ a_scale,
                          const float* __restrict__ b_scale, const int32_t* __restrict__ offsets, int num_groups,
-                         int m, int n, int k, OutT* __restrict__ d, float* __restrict__ d_scale, int activation) {
+                         int m, int n, int k, OutT* __restrict__ d, float* __restrict__ d_scale, int activation,
+                         int* __restrict__ tile_counter) {
   constexpr bool kAct = EPI != kStore;
-  static_assert(!kAct || (BN == 128 && sizeof(OutT) == 1), "the fused epilogue takes 128-column fp8 tiles");
-  constexpr int kPasses = EPI == kActGated ? 2 : 1;
+  static_assert(!kAct || sizeof(OutT) == 1, "the fused epilogue writes fp8");
+  constexpr bool kGated = EPI == kActGated;
+  constexpr bool kSplitRows = BM == 128;   // warpgroups on different rows (own128) or columns (own64)
+  constexpr int kPasses = kGated && kSplitRows ? 2 : 1;
   constexpr int OB = int(sizeof(OutT));
-  using S = Smem<BN, OutBufferBytes<BN, OutT, EPI>()>;
+  constexpr int BN = TileBRows<BM>(), TN = TileOutCols<BM, EPI>();
+  using S = Smem<BM, OutBufferBytes<BM, OutT, EPI>()>;
   constexpr int STAGES = S::kStages;
-  constexpr int R = BN / 2;  // accumulator registers per thread (64 rows x BN per warpgroup)
   extern __shared__ uint8_t smem_raw[];
   S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int tid = threadIdx.x;
-  const int n_out = EPI == kActGated ? n / 2 : n;  // columns of d
-  const int num_units = (n_out + BN - 1) / BN, kb_count = k / BK, nb_count = n / 128;
+  const int n_out = kGated ? n / 2 : n;  // columns of d
+  const int num_units = (n_out + TN - 1) / TN, kb_count = k / BK, nb_count = n / 128;
 
   // Group offsets (clamped to [0, m], made non-decreasing) and the prefix of row tiles, in
   // parallel: a serial walk by one thread costs ~0.1 us of load latency per group (25 us at 256).
@@ -256,6 +323,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < STAGES; ++i) {
       MbarInit(&s.full[i], 33);  // the TMA thread and the 32 scale lanes
       MbarInit(&s.empty[i], 2);  // both math warpgroups
+    }
+    for (int i = 0; i < kTileSlots; ++i) {
+      MbarInit(&s.tile_full[i], 1);
+      MbarInit(&s.tile_empty[i], kTileReaders);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -302,42 +373,42 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (tid == 0) {  // TMA loads of A and B
-      int stage = 0;
-      uint32_t phase = 0;
-      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    if (tid == 0) {  // TMA loads of A and B; claims the tiles
+      int stage = 0, slot = 0;
+      uint32_t phase = 0, slot_phase = 0;
+      for (int t = blockIdx.x;; t = gridDim.x + atomicAdd(tile_counter, 1)) {
+        PublishTile(s, slot, slot_phase, t);
+        if (t >= total) break;
         int g, row0, end, n0;
-        TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
+        TileCoords<BM>(s, num_groups, num_units, TN, t, &g, &row0, &end, &n0);
         for (int p = 0; p < kPasses; ++p) {
-          const int2 br = BRows<EPI>(n0, p, n_out);
           for (int kb = 0; kb < kb_count; ++kb) {
             MbarWait(&s.empty[stage], phase ^ 1);
             MbarExpectTx(&s.full[stage], S::kStageBytes);
             TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
-            if constexpr (kAct) {  // two 64-row boxes: the same swizzled layout as one 128-row box
-              TmaLoad(s.b[stage], &map_b, &s.full[stage], kb * BK, g * n + br.x);
-              TmaLoad(s.b[stage] + 64 * BK, &map_b, &s.full[stage], kb * BK, g * n + br.y);
-            } else {
-              TmaLoad(s.b[stage], &map_b, &s.full[stage], kb * BK, g * n + n0);
-            }
+#pragma unroll
+            for (int i = 0; i < BN / 64; ++i)  // 64-row boxes: the same swizzled layout as one box
+              TmaLoad(s.b[stage] + i * 64 * BK, &map_b, &s.full[stage], kb * BK, g * n + BBoxRow<EPI>(i, n0, p, n_out));
             if (++stage == STAGES) { stage = 0; phase ^= 1; }
           }
         }
       }
     } else if (tid >= 32 && tid < 64) {  // warp 1: the scales of every K block
       const int lane = tid - 32;
-      int stage = 0;
-      uint32_t phase = 0;
-      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      int stage = 0, slot = 0;
+      uint32_t phase = 0, slot_phase = 0;
+      for (;;) {
+        const int t = ReceiveTile(s, slot, slot_phase, lane);
+        if (t >= total) break;
         int g, row0, end, n0;
-        TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
+        TileCoords<BM>(s, num_groups, num_units, TN, t, &g, &row0, &end, &n0);
         const int g0 = s.offsets[g], rows_g = end - g0;
         const float* sa = a_scale + int64_t(g0) * kb_count + (row0 - g0);
         const float* sb = b_scale + int64_t(g) * nb_count * kb_count;
         for (int p = 0; p < kPasses; ++p) {
-          const int2 br = BRows<EPI>(n0, p, n_out);
-          const int nb0 = kAct ? br.x / 128 : min(n0 / 128, nb_count - 1);
-          const int nb1 = kAct ? br.y / 128 : min((n0 + BN - 1) / 128, nb_count - 1);
+          // gated: the blocks of the up and the gate rows; else of b rows [0, 128) and [128, 256)
+          const int nb0 = kGated ? BBoxRow<EPI>(0, n0, p, n_out) / 128 : min(n0 / 128, nb_count - 1);
+          const int nb1 = kGated ? BBoxRow<EPI>(1, n0, p, n_out) / 128 : min(n0 / 128 + 1, nb_count - 1);
           for (int kb = 0; kb < kb_count; ++kb) {
             float v[BM / 32];
 #pragma unroll
@@ -358,34 +429,42 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    // math: warpgroup 1 rows [0, 64), warpgroup 2 rows [64, 128) of the tile
+    // math warpgroup w = wg - 1: own128 rows [64w, 64w + 64) x b rows [0, 128) of the tile;
+    // own64 rows [0, 64) x b rows [128w, 128w + 128)
+    const int w = wg - 1;
     const int ct = tid - 128 * wg;
     const int warp = ct / 32, lane = ct % 32;
-    const int rl0 = warp * 16 + lane / 4;  // first of this thread's two rows in its 64-row half
-    const int r_in = (wg - 1) * 64 + rl0;
-    uint8_t* out = s.out[wg - 1];
-    int stage = 0;
-    uint32_t phase = 0;
-    float acc[R], part[R];
+    const int rl0 = warp * 16 + lane / 4;  // first of this thread's two rows in its 64-row block
+    const int row_in = kSplitRows ? 64 * w : 0, brow_in = kSplitRows ? 0 : 128 * w;
+    const int r_in = row_in + rl0;
+    // which of the stage's two weight-block scales multiplies accumulator columns below / from
+    // `split`: gated up / gate; else the one of this warpgroup's 128 b rows
+    const int sb_lo = kGated || kSplitRows ? 0 : w, sb_hi = kGated ? 1 : sb_lo;
+    constexpr int split = kGated ? 64 : 128;
+    uint8_t* out = s.out[w];
+    int stage = 0, slot = 0;
+    uint32_t phase = 0, slot_phase = 0;
+    float acc[64], part[64];
     auto next = [&] { if (++stage == STAGES) { stage = 0; phase ^= 1; } };
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    for (;;) {
+      const int t = ReceiveTile(s, slot, slot_phase, lane);
+      if (t >= total) break;
       int g, row0, end, n0;
-      TileCoords(s, num_groups, num_units, BN, t, &g, &row0, &end, &n0);
-      const int row0h = row0 + (wg - 1) * 64;
-      // tile columns below `split` use the first weight-block scale
-      const int split = kAct ? 64 : (n0 / 128 + 1) * 128 - n0;
+      TileCoords<BM>(s, num_groups, num_units, TN, t, &g, &row0, &end, &n0);
+      const int row0h = row0 + row_in;
+      const int col0 = n0 + (kGated ? 0 : brow_in);  // this warpgroup's first output column
       float act[kAct ? 64 : 1];
 #pragma unroll
       for (int p = 0; p < kPasses; ++p) {
 #pragma unroll
-        for (int i = 0; i < R; ++i) acc[i] = 0.0f;
+        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
         for (int kb = 0; kb < kb_count; ++kb) {
           MbarWait(&s.full[stage], phase);
           const int st = stage;
-          const float b0 = s.sb[st][0], b1 = s.sb[st][1];
+          const float b0 = s.sb[st][sb_lo], b1 = s.sb[st][sb_hi];
           const float f0a = s.sa[st][r_in], f1a = s.sa[st][r_in + 8];
-          const uint64_t da = SmemDesc(s.a[st] + (wg - 1) * 64 * BK);
-          const uint64_t db = SmemDesc(s.b[st]);
+          const uint64_t da = SmemDesc(s.a[st] + row_in * BK);
+          const uint64_t db = SmemDesc(s.b[st] + brow_in * BK);
           WgmmaFence();
 #pragma unroll
           for (int kk = 0; kk < BK / 32; ++kk) Wgmma(part, da + 2 * kk, db + 2 * kk, kk > 0);
@@ -394,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           WgmmaWait0();
           if (ct == 0) MbarArrive(&s.empty[st]);
 #pragma unroll
-          for (int j = 0; j < BN / 8; ++j) {  // 8-column groups never straddle a scale block
+          for (int j = 0; j < 16; ++j) {  // 8-column groups never straddle a scale block
             const float sb = (8 * j < split) ? b0 : b1;
             const float f0 = f0a * sb, f1 = f1a * sb;
             acc[4 * j + 0] += part[4 * j + 0] * f0;
@@ -403,83 +482,107 @@ __global__ void __launch_bounds__(kThreads, 1)
             acc[4 * j + 3] += part[4 * j + 3] * f1;
           }
         }
-        if constexpr (EPI == kActGated) {
+        if constexpr (kGated) {
           float half[32];  // this pass's 64 columns
           if (activation == kGeglu) ActivateTile<kGeglu, EPI>(acc, half);
           else ActivateTile<kSwiglu, EPI>(acc, half);
-          float* keep = reinterpret_cast<float*>(out);  // [32][128 threads]: conflict free
-          if (p == 0) {
-            AwaitOutBuffer(ct, wg);
+          if constexpr (kSplitRows) {
+            float* keep = reinterpret_cast<float*>(out);  // [32][128 threads]: conflict free
+            if (p == 0) {
+              AwaitOutBuffer(ct, wg);
 #pragma unroll
-            for (int i = 0; i < 32; ++i) keep[i * 128 + ct] = half[i];
+              for (int i = 0; i < 32; ++i) keep[i * 128 + ct] = half[i];
+            } else {
+#pragma unroll
+              for (int i = 0; i < 32; ++i) {
+                act[i] = keep[i * 128 + ct];
+                act[32 + i] = half[i];
+              }
+            }
           } else {
 #pragma unroll
-            for (int i = 0; i < 32; ++i) {
-              act[i] = keep[i * 128 + ct];
-              act[32 + i] = half[i];
-            }
+            for (int i = 0; i < 32; ++i) act[i] = half[i];
           }
         } else if constexpr (EPI == kActPlain) {
           if (activation == kRelu2) ActivateTile<kRelu2, EPI>(acc, act);
           else ActivateTile<kIdentity, EPI>(acc, act);
         }
       }
+      const int g0 = s.offsets[g];
+      if constexpr (kGated && !kSplitRows) {
+        // own64 gated: this warpgroup holds columns [64w, 64w + 64) of the tile's quantization
+        // block; the row maxima meet in shared memory, both halves go to one 64 x 128-byte
+        // buffer that warpgroup 1's thread 0 stores
+        float2 amax = RowAbsMax<32>(act);
+        if (lane % 4 == 0) {
+          s.amax[w][rl0] = amax.x;
+          s.amax[w][rl0 + 8] = amax.y;
+        }
+        if (tid == 256) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        MathBarrier();
+        amax = make_float2(fmaxf(s.amax[0][rl0], s.amax[1][rl0]), fmaxf(s.amax[0][rl0 + 8], s.amax[1][rl0 + 8]));
+        const float s0 = fmaxf(amax.x / 448.0f, FLT_MIN), s1 = fmaxf(amax.y / 448.0f, FLT_MIN);
+        if (w == 0 && lane % 4 == 0) {  // scale(row r of group g, block c) = d_scale[g0 * I/128 + c * rows_g + r - g0]
+          float* ds = d_scale + int64_t(g0) * (n_out / 128) + int64_t(n0 / 128) * (end - g0) - g0;
+          if (row0 + rl0 < end) ds[row0 + rl0] = s0;
+          if (row0 + rl0 + 8 < end) ds[row0 + rl0 + 8] = s1;
+        }
+        PutFp8<32>(s.out[0], rl0, lane, 64 * w, act, s0, s1);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        MathBarrier();
+        if (row0 + 64 <= end) {
+          if (tid == 256) {
+            TmaStore(&map_d, s.out[0], n0, row0);
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+          }
+        } else {  // the group ends inside the tile: 16-byte copies of its rows only
+          for (int q = tid - 128; q < 64 * 8; q += 256) {
+            const int row = q / 8, cc = q % 8;
+            const uint8_t* src = s.out[0] + row * 128 + ((cc ^ (row & 7)) << 4);
+            if (row0 + row < end)
+              *reinterpret_cast<int4*>(d + int64_t(row0 + row) * n_out + n0 + cc * 16) = *reinterpret_cast<const int4*>(src);
+          }
+        }
+        continue;
+      }
       if constexpr (kAct) {
         // step 4: per row, amax over the 128 columns (32 in this thread, the rest in the 3 other
         // lanes of the row), s = max(amax / 448, FLT_MIN), q = fp8(a / s)
-        float amax0 = 0.0f, amax1 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          amax0 = fmaxf(amax0, fmaxf(fabsf(act[4 * j + 0]), fabsf(act[4 * j + 1])));
-          amax1 = fmaxf(amax1, fmaxf(fabsf(act[4 * j + 2]), fabsf(act[4 * j + 3])));
-        }
-#pragma unroll
-        for (int o = 1; o <= 2; o *= 2) {
-          amax0 = fmaxf(amax0, __shfl_xor_sync(0xffffffffu, amax0, o));
-          amax1 = fmaxf(amax1, __shfl_xor_sync(0xffffffffu, amax1, o));
-        }
-        const float s0 = fmaxf(amax0 / 448.0f, FLT_MIN), s1 = fmaxf(amax1 / 448.0f, FLT_MIN);
-        if (lane % 4 == 0) {  // scale(row r of group g, block c) = d_scale[g0 * I/128 + c * rows_g + r - g0]
-          const int g0 = s.offsets[g];
-          float* ds = d_scale + int64_t(g0) * (n_out / 128) + int64_t(n0 / 128) * (end - g0) - g0;
+        const float2 amax = RowAbsMax<64>(act);
+        const float s0 = fmaxf(amax.x / 448.0f, FLT_MIN), s1 = fmaxf(amax.y / 448.0f, FLT_MIN);
+        if (lane % 4 == 0 && col0 < n_out) {  // scale(row r of group g, block c) = d_scale[g0 * I/128 + c * rows_g + r - g0]
+          float* ds = d_scale + int64_t(g0) * (n_out / 128) + int64_t(col0 / 128) * (end - g0) - g0;
           if (row0h + rl0 < end) ds[row0h + rl0] = s0;
           if (row0h + rl0 + 8 < end) ds[row0h + rl0 + 8] = s1;
         }
         if (EPI == kActPlain) AwaitOutBuffer(ct, wg);
         else WarpgroupBarrier(wg);  // every thread has read its pass-0 values back
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const int cb = 8 * j + (lane % 4) * 2;  // byte column in the 128-byte row
-          uint8_t* q = out + rl0 * 128 + (((cb >> 4) ^ (rl0 & 7)) << 4) + (cb & 15);
-          *reinterpret_cast<__nv_fp8x2_storage_t*>(q) =
-              __nv_cvt_float2_to_fp8x2(make_float2(act[4 * j + 0] / s0, act[4 * j + 1] / s0), __NV_SATFINITE, __NV_E4M3);
-          *reinterpret_cast<__nv_fp8x2_storage_t*>(q + 8 * 128) =
-              __nv_cvt_float2_to_fp8x2(make_float2(act[4 * j + 2] / s1, act[4 * j + 3] / s1), __NV_SATFINITE, __NV_E4M3);
-        }
+        PutFp8<64>(out, rl0, lane, 0, act, s0, s1);
       } else {
         // epilogue: registers -> swizzled shared memory -> global
         AwaitOutBuffer(ct, wg);
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          const int cb = (8 * j + (lane % 4) * 2) * OB;  // byte column in the tile
-          const int box = cb / 128, chunk = (cb % 128) / 16, w = cb % 16;
-          uint8_t* p = out + box * 8192 + rl0 * 128 + ((chunk ^ (rl0 & 7)) << 4) + w;
+        for (int j = 0; j < 16; ++j) {
+          const int cb = (8 * j + (lane % 4) * 2) * OB;  // byte column in the block
+          const int box = cb / 128, chunk = (cb % 128) / 16, wb = cb % 16;
+          uint8_t* p = out + box * 8192 + rl0 * 128 + ((chunk ^ (rl0 & 7)) << 4) + wb;
           Put2(p, acc[4 * j + 0], acc[4 * j + 1], OutT());
           Put2(p + 8 * 128, acc[4 * j + 2], acc[4 * j + 3], OutT());  // row rl0 + 8: same swizzle
         }
       }
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       WarpgroupBarrier(wg);
+      if (col0 >= n_out) continue;  // own64: the second 128 columns of the last, partial column block
       if (row0h + 64 <= end) {
         if (ct == 0) {
 #pragma unroll
-          for (int box = 0; box < BN * OB / 128; ++box) TmaStore(&map_d, out + box * 8192, n0 + box * 128 / OB, row0h);
+          for (int box = 0; box < OB; ++box) TmaStore(&map_d, out + box * 8192, col0 + box * 128 / OB, row0h);
           asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
-      } else {  // the group ends inside this half: 16-byte copies of its rows only
-        constexpr int kChunksPerRow = BN * OB / 16;
+      } else {  // the group ends inside this block: 16-byte copies of its rows only
+        constexpr int kChunksPerRow = 128 * OB / 16;
         for (int q = ct; q < 64 * kChunksPerRow; q += 128) {
-          const int row = q / kChunksPerRow, cc = q % kChunksPerRow, col = n0 + cc * 16 / OB;
+          const int row = q / kChunksPerRow, cc = q % kChunksPerRow, col = col0 + cc * 16 / OB;
           const uint8_t* src = out + (cc / 8) * 8192 + row * 128 + (((cc % 8) ^ (row & 7)) << 4);
           if (row0h + row < end && col < n_out)
             *reinterpret_cast<int4*>(d + int64_t(row0h + row) * n_out + col) = *reinterpret_cast<const int4*>(src);
@@ -519,27 +622,30 @@ bool EncodeMap(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, class OutT, int EPI>
+template <int BM, class OutT, int EPI>
 cudaError_t Launch(cudaStream_t stream, int g, int m, int n, int k, const void* a, const float* a_scale, const void* b,
                    const float* b_scale, const int32_t* offsets, void* d, float* d_scale, int activation,
-                   const char** what) {
+                   int* tile_counter, const char** what) {
   const int n_out = EPI == kActGated ? n / 2 : n;
   CUtensorMap map_a, map_b, map_d;
-  if (!EncodeMap(&map_a, a, m, k, 1, BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, EPI == kStore ? BN : 64) ||
+  if (!EncodeMap(&map_a, a, m, k, 1, BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, 64) ||
       !EncodeMap(&map_d, d, m, n_out, int(sizeof(OutT)), 64)) {
     *what = "cuTensorMapEncodeTiled failed";
     return cudaErrorInvalidValue;
   }
-  using S = Smem<BN, OutBufferBytes<BN, OutT, EPI>()>;
+  using S = Smem<BM, OutBufferBytes<BM, OutT, EPI>()>;
   const size_t smem = sizeof(S) + 1024;
   static_assert(sizeof(S) + 1024 <= kSmemLimit, "shared memory");
-  auto kernel = OwnGroupedGemmKernel<BN, OutT, EPI>;
+  auto kernel = OwnGroupedGemmKernel<BM, OutT, EPI>;
   *what = "cudaFuncSetAttribute";
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
+  *what = "cudaMemsetAsync (tile counter)";
+  err = cudaMemsetAsync(tile_counter, 0, sizeof(int), stream);
+  if (err != cudaSuccess) return err;
   *what = "kernel launch";
   kernel<<<NumSms(), kThreads, smem, stream>>>(map_a, map_b, map_d, a_scale, b_scale, offsets, g, m, n, k,
-                                               static_cast<OutT*>(d), d_scale, activation);
+                                               static_cast<OutT*>(d), d_scale, activation, tile_counter);
   return cudaGetLastError();
 }
 
@@ -548,11 +654,13 @@ cudaError_t Launch(cudaStream_t stream, int g, int m, int n, int k, const void* 
 ffi::Error Gemm1ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
                              ffi::Buffer<ffi::F32> b_scale, ffi::Buffer<ffi::S32> offsets,
                              ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::Buffer<ffi::F32>> q_scale,
-                             int32_t activation) {
+                             ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t activation, int32_t block_m) {
   const char* op = "jax_moe_gemm1_act_quant";
   if (!IsSupportedActivation(activation))
     return InvalidArgument(std::string(op) + ": activation: expected Swiglu (3), Geglu (4), Relu2 (6) or Identity (9), got " +
                            std::to_string(activation));
+  if (block_m != 128 && block_m != 64)
+    return InvalidArgument(std::string(op) + ": block_m: expected 128 or 64, got " + std::to_string(block_m));
   const bool gated = IsGatedActivation(activation);
   GemmShape sh;
   JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
@@ -563,13 +671,15 @@ ffi::Error Gemm1ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<
   if (!IsFp8E4M3(*q)) return InvalidArgument(std::string(op) + ": output: expected dtype float8_e4m3fn");
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*q, "jax_moe_gemm1_act_quant: output", {sh.m, inter}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*q_scale, "jax_moe_gemm1_act_quant: output scales", {sh.m * inter / 128}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*workspace, "jax_moe_gemm1_act_quant: workspace", {kOwnGemmWorkspaceInts}));
   JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, sh.g, {a.untyped_data(), b.untyped_data(), q->untyped_data()}));
   if (sh.m == 0 || inter == 0) return ffi::Error::Success();
   const char* what = "";
-  auto launch = gated ? Launch<128, uint8_t, kActGated> : Launch<128, uint8_t, kActPlain>;
+  auto launch = block_m == 64 ? (gated ? Launch<64, uint8_t, kActGated> : Launch<64, uint8_t, kActPlain>)
+                              : (gated ? Launch<128, uint8_t, kActGated> : Launch<128, uint8_t, kActPlain>);
   cudaError_t err = launch(stream, int(sh.g), int(sh.m), int(sh.n), int(sh.k), a.untyped_data(), a_scale.typed_data(),
                            b.untyped_data(), b_scale.typed_data(), offsets.typed_data(), q->untyped_data(),
-                           q_scale->typed_data(), activation, &what);
+                           q_scale->typed_data(), activation, workspace->typed_data(), &what);
   if (err != cudaSuccess) return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
@@ -610,12 +720,12 @@ ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_lis
   return ffi::Error::Success();
 }
 
-cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, int block_n, bool f32_out, int num_groups, int m, int n, int k,
+cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, int block_m, bool f32_out, int num_groups, int m, int n, int k,
                                  const void* a, const float* a_scale, const void* b, const float* b_scale,
-                                 const int32_t* offsets, void* d, const char** what) {
-  auto launch = block_n == 192 ? (f32_out ? Launch<192, float, kStore> : Launch<192, __nv_bfloat16, kStore>)
-                               : (f32_out ? Launch<128, float, kStore> : Launch<128, __nv_bfloat16, kStore>);
-  return launch(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, nullptr, 0, what);
+                                 const int32_t* offsets, void* d, int* tile_counter, const char** what) {
+  auto launch = block_m == 64 ? (f32_out ? Launch<64, float, kStore> : Launch<64, __nv_bfloat16, kStore>)
+                              : (f32_out ? Launch<128, float, kStore> : Launch<128, __nv_bfloat16, kStore>);
+  return launch(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, nullptr, 0, tile_counter, what);
 }
 
 XLA_FFI_DEFINE_HANDLER(Gemm1ActQuantHandler, Gemm1ActQuantImpl,
@@ -628,7 +738,9 @@ XLA_FFI_DEFINE_HANDLER(Gemm1ActQuantHandler, Gemm1ActQuantImpl,
                            .Arg<ffi::Buffer<ffi::S32>>()   // expert_offsets [G + 1]
                            .Ret<ffi::AnyBuffer>()          // fp8 [M, I]
                            .Ret<ffi::Buffer<ffi::F32>>()   // scales [M*I/128], grouped MN-major
-                           .Attr<int32_t>("activation"),
+                           .Ret<ffi::Buffer<ffi::S32>>()   // workspace [kOwnGemmWorkspaceInts]: the tile counter
+                           .Attr<int32_t>("activation")
+                           .Attr<int32_t>("block_m"),      // 128 (own128 tiles) or 64 (own64)
                        {ffi::Traits::kCmdBufferCompatible});
 
 JAX_MOE_REGISTER_TARGET("jax_moe_gemm1_act_quant", Gemm1ActQuantHandler);

@@ -14,6 +14,7 @@
 namespace jax_moe {
 
 constexpr int kOwnGemmMaxGroups = 512;  // group offsets live in shared memory
+constexpr int kOwnGemmWorkspaceInts = 4;  // the own kernel's device workspace: its tile counter
 
 struct GemmShape {
   int64_t m, n, k, g;  // a [M, K], b [G, N, K]
@@ -30,10 +31,12 @@ ffi::Error CheckGemmOperands(const char* op, const ffi::AnyBuffer& a, const ffi:
 // buffers for TMA.
 ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_list<const void*> tma_buffers);
 
-// block_n: 128 or 192 output columns per tile; d is float32 if f32_out, else bfloat16. a, b and d
-// must be 16-byte aligned and k, n multiples of 128 (TMA). On failure *what names the step.
-cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, int block_n, bool f32_out, int num_groups, int m, int n, int k,
+// block_m: 128 (128 x 128 tiles) or 64 (64 x 256); d is float32 if f32_out, else bfloat16. a, b and d
+// must be 16-byte aligned and k, n multiples of 128 (TMA). tile_counter: kOwnGemmWorkspaceInts
+// ints of device memory, zeroed here on the stream before the launch. On failure *what names
+// the step.
+cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, int block_m, bool f32_out, int num_groups, int m, int n, int k,
                                  const void* a, const float* a_scale, const void* b, const float* b_scale,
-                                 const int32_t* offsets, void* d, const char** what);
+                                 const int32_t* offsets, void* d, int* tile_counter, const char** what);
 
 }  // namespace jax_moe

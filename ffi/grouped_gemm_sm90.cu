@@ -364,9 +364,10 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
 
 // Tile configs, the handler's `tile` attribute (jax_moe/ops.py GEMM_TILES lists the same
 // numbers and chooses one per call, "auto" included): 1 = cooperative 128x128, 2 = ping-pong
-// 64x128, 3 = swapped operands with 32 token rows per tile; 4, 5 in experiment builds; 6, 7 =
-// the own TMA + wgmma kernel (blockwise_gemm_sm90.cu) with 128x128 and 128x192 tiles.
-enum Tile : int32_t { kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5, kOwn128 = 6, kOwn192 = 7 };
+// 64x128, 3 = swapped operands with 32 token rows per tile; 4, 5 in experiment builds; 6, 8 =
+// the own TMA + wgmma kernel (blockwise_gemm_sm90.cu) with 128x128 and 64x256 tiles (7, its
+// 128x192 tile until 2026-11, is retired: it never won and spilled).
+enum Tile : int32_t { kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5, kOwn128 = 6, kOwn64 = 8 };
 #ifdef JAX_MOE_GEMM_EXPERIMENTS
 constexpr bool kExperimentTiles = true;
 #else
@@ -381,8 +382,8 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                            ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> d,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
-  if (tile < kBig || tile > kOwn192 || (!kExperimentTiles && (tile == kBigM2 || tile == kBigM2N2)))
-    return InvalidArgument(std::string(op) + ": tile: expected 1, 2, 3, 6 or 7" +
+  if (tile < kBig || tile > kOwn64 || tile == 7 || (!kExperimentTiles && (tile == kBigM2 || tile == kBigM2N2)))
+    return InvalidArgument(std::string(op) + ": tile: expected 1, 2, 3, 6 or 8" +
                            (kExperimentTiles ? std::string(" (4, 5: experiment build)") : std::string()) +
                            ", got " + std::to_string(tile));
   GemmShape sh;
@@ -395,12 +396,13 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*workspace, "jax_moe_grouped_gemm: workspace", {-1}));
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
 
-  if (tile == kOwn128 || tile == kOwn192) {
+  if (tile == kOwn128 || tile == kOwn64) {
     JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, g, {a.untyped_data(), b.untyped_data(), d->untyped_data()}));
     const char* what = "";
-    cudaError_t err = LaunchOwnGroupedGemm(stream, tile == kOwn192 ? 192 : 128, f32_out, int(g), int(m), int(n),
+    cudaError_t err = LaunchOwnGroupedGemm(stream, tile == kOwn64 ? 64 : 128, f32_out, int(g), int(m), int(n),
                                            int(k), a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
-                                           b_scale.typed_data(), offsets.typed_data(), d->untyped_data(), &what);
+                                           b_scale.typed_data(), offsets.typed_data(), d->untyped_data(),
+                                           reinterpret_cast<int*>(workspace->typed_data()), &what);
     if (err != cudaSuccess)
       return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + " (own kernel): " + what + ": " +
                                                        cudaGetErrorString(err));

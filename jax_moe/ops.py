@@ -114,28 +114,31 @@ def grouped_gemm_workspace_bytes(num_groups):
 
 # The kernel's tile configs (the `tile` attribute of jax_moe_grouped_gemm): "128": cooperative
 # 128x128 tiles; "64": ping-pong 64x128 tiles; "swap32": swapped operands (the weights are the
-# kernel's M side), 32 token rows per tile; "own128" / "own192": the library's own TMA + wgmma
-# kernel (ffi/blockwise_gemm_sm90.cu), 128 x 128 / 128 x 192 tiles, no setup kernel, at most 512
-# groups. "auto" (resolved here, at trace time) picks one by the rows per group.
-GEMM_TILES = {"128": 1, "64": 2, "swap32": 3, "own128": 6, "own192": 7}
+# kernel's M side), 32 token rows per tile; "own128" / "own64": the library's own TMA + wgmma
+# kernel (ffi/blockwise_gemm_sm90.cu), 128 x 128 / 64 x 256 tiles (rows x columns), no setup
+# kernel, at most 512 groups. "auto" (resolved here, at trace time) picks one by the rows per
+# group.
+GEMM_TILES = {"128": 1, "64": 2, "swap32": 3, "own128": 6, "own64": 8}
 TILE_ENV = "JAX_MOE_GEMM_TILE"
 
 
 OWN_GEMM_MAX_GROUPS = 512  # the own kernel keeps the group offsets in shared memory
+OWN_GEMM_WORKSPACE_INTS = 4  # its device workspace: the dynamic tile scheduler's counter
 
 
 def gemm_tile_for(rows_per_group, num_groups=1):
     """The config for `num_groups` groups of about `rows_per_group` rows (tools/tile_sweep.py on
-    an H100, DeepSeek-V3 MoE, benchmarks/RESULTS.md): swapped operands with 32-token tiles win
-    by 1-3 % up to 16 rows per group (decode, small expert-parallel slices) and lose badly
-    beyond 64; from 33 to 64 rows the own kernel (no setup kernel, its epilogue overlapped) is
-    ~3 % faster than CUTLASS's 128x128 tile (prefill T=2048), which wins above."""
+    an H100, DeepSeek-V3 MoE, benchmarks/RESULTS.md, ninth session): up to 64 rows per group the
+    own kernel's 64 x 256 tiles with dynamic tile scheduling stream the weights fastest (decode
+    T=128 3.91 -> 3.68 ms against swapped-operand CUTLASS tiles, EP T=64 0.480 -> 0.465);
+    above, CUTLASS's 128 x 128 cooperative tile wins. Beyond the own kernel's 512 groups:
+    swapped operands up to 16 rows, 64 x 128 ping-pong up to 32, else 128 x 128."""
+    if rows_per_group <= 64 and num_groups <= OWN_GEMM_MAX_GROUPS:
+        return "own64"
     if rows_per_group <= 16:
         return "swap32"
     if rows_per_group <= 32:
         return "64"
-    if rows_per_group <= 64 and num_groups <= OWN_GEMM_MAX_GROUPS:
-        return "own128"
     return "128"
 
 
@@ -194,41 +197,53 @@ def act_quant(g, p: Plan, activation_type):
 
 # --------------------------------------------------------------------------- GEMM1 + activation
 GEMM1_ENV = "JAX_MOE_GEMM1"
-GEMM1_MODES = ("auto", "fused", "split")
+GEMM1_MODES = ("auto", "fused", "fused128", "fused64", "split")
+GEMM1_BLOCK_M = (128, 64)  # row tiles of the fused kernel: own128 or own64
 
 
 def gemm1_fused_for(rows_per_group, num_groups):
     """Whether "auto" runs the pipeline's GEMM1 with the activation and re-quantization fused
-    into its epilogue (`jax_moe_gemm1_act_quant`, the own kernel's 128-row tiles) rather than
-    as grouped_gemm (float32 out) + act_quant. Never, for now: on an H100 (tools/gemm1_probe.py,
-    tools/tile_sweep.py, benchmarks/RESULTS.md) the fused kernel saves act_quant's pass over
-    the float32 output but its main loop is slower than CUTLASS's at >= 128 rows per group and
-    no faster than the split stages below (prefill T=8192: 10.9-12.5 ms vs 8.9 ms split)."""
-    del rows_per_group, num_groups
-    return False
+    into its epilogue (`jax_moe_gemm1_act_quant`) rather than as grouped_gemm (float32 out) +
+    act_quant. On an H100 (tools/tile_sweep.py, benchmarks/RESULTS.md, ninth session) fused
+    64 x 256 tiles win from 17 to 64 rows per group (T=1024: 4.068 -> 4.014 ms, prefill T=2048
+    4.494 -> 4.434); at <= 16 rows the split stages are 1-3 % faster, and above 64 rows the
+    fused kernel loses to CUTLASS's GEMM + act_quant (prefill T=8192 9.4 vs 8.9 ms)."""
+    return 16 < rows_per_group <= 64 and num_groups <= OWN_GEMM_MAX_GROUPS
 
 
-def gemm1_act_quant_raw(a, a_scale, b, b_scale, expert_offsets, activation_type):
+def gemm1_block_m_for(rows_per_group):
+    """Row tile of the fused kernel for `rows_per_group`: 64 x 256 tiles pad each group's rows
+    to 64 instead of 128."""
+    del rows_per_group
+    return 64
+
+
+def gemm1_act_quant_raw(a, a_scale, b, b_scale, expert_offsets, activation_type, block_m=128):
     """`jax_moe_gemm1_act_quant`: a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major),
     b fp8 [G, N, K] (N = 2I gated, I otherwise), b_scale f32 [G, N/128, K/128], offsets int32
     [G+1] (G <= 512) -> (fp8 [M, I], scales f32 [M*I/128] grouped MN-major): act_quant of the
     float32 grouped GEMM, computed in the GEMM's epilogue (no float32 [M, N] in memory). Rows
-    past offsets[G] are not written."""
+    past offsets[G] are not written. `block_m`: the own kernel's row tile, 128 (128 x 128
+    tiles, two passes over K for gated activations) or 64 (64 x 256 tiles, one pass)."""
+    if block_m not in GEMM1_BLOCK_M:
+        raise ValueError(f"block_m: expected one of {GEMM1_BLOCK_M}, got {block_m!r}")
     m, _ = a.shape
     g, n, _ = b.shape
     i = n // 2 if is_gated(activation_type) else n
-    return _ffi_call(
+    q, q_scale, _ = _ffi_call(
         "jax_moe_gemm1_act_quant",
-        (jax.ShapeDtypeStruct((m, i), FP8), jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32)),
-    )(a, a_scale, b, b_scale, expert_offsets, activation=_i32(activation_type))
+        (jax.ShapeDtypeStruct((m, i), FP8), jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32),
+         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS,), jnp.int32)),
+    )(a, a_scale, b, b_scale, expert_offsets, activation=_i32(activation_type), block_m=_i32(block_m))
+    return q, q_scale
 
 
 def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activation_type,
                     rows_per_group=None):
     """The pipeline's GEMM1 + act_quant stage: fused (`gemm1_act_quant_raw`) or split (float32
-    grouped GEMM, then `act_quant`), by `gemm1_fused_for` unless $JAX_MOE_GEMM1 says "fused" or
-    "split" (read at trace time). A tile forced by $JAX_MOE_GEMM_TILE means split, unless
-    $JAX_MOE_GEMM1 says otherwise."""
+    grouped GEMM, then `act_quant`), by `gemm1_fused_for` unless $JAX_MOE_GEMM1 says "fused"
+    (row tile by `gemm1_block_m_for`), "fused128", "fused64" or "split" (read at trace time). A
+    tile forced by $JAX_MOE_GEMM_TILE means split, unless $JAX_MOE_GEMM1 says otherwise."""
     g = weights.shape[0]
     rows_per_group = rows_per_group if rows_per_group is not None else rows.shape[0] / max(g, 1)
     mode = os.environ.get(GEMM1_ENV, "auto")
@@ -238,10 +253,11 @@ def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activatio
         forced_tile = os.environ.get(TILE_ENV, "auto") != "auto"
         fused = not forced_tile and gemm1_fused_for(rows_per_group, g)
     else:
-        fused = mode == "fused"
+        fused = mode.startswith("fused")
     if fused and g <= OWN_GEMM_MAX_GROUPS:
+        block_m = int(mode[5:]) if mode in ("fused128", "fused64") else gemm1_block_m_for(rows_per_group)
         return gemm1_act_quant_raw(rows, row_scales, weights, weight_scales, p.expert_offsets,
-                                   activation_type)
+                                   activation_type, block_m)
     h = grouped_gemm(rows, row_scales, weights, weight_scales, p, out_dtype=jnp.float32,
                      rows_per_group=rows_per_group)
     return act_quant(h, p, activation_type)

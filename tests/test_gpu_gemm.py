@@ -176,7 +176,7 @@ def test_group_ends_at_every_offset_within_a_tile(tile, out_dtype):
     full group right behind each: the own kernel stores a half tile by TMA only when the group
     fills it and copies the rows of a partial half one by one, so a boundary off by one writes
     the next group's rows with this group's weights (caught by the per-row check). N = 640 is
-    not a multiple of 192 (the last column block of own192 is partial)."""
+    not a multiple of 256 (own64's last column block is half outside)."""
     sizes = [1, 63, 64, 65, 0, 127, 128, 129, 191, 192, 193, 255, 256, 257, 7]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
     a_q, a_s, b_q, b_s = _inputs(11, int(offsets[-1]) + 5, len(sizes), 640, 384)
@@ -289,7 +289,7 @@ def test_unknown_tile_is_an_error():
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
          jax.ShapeDtypeStruct((ops.grouped_gemm_workspace_bytes(g),), jnp.uint8)))
-    for bad in (0, 8):  # 0 was the kernel's own "auto" once; the wrapper resolves "auto" now
+    for bad in (0, 7, 9):  # 0 was the kernel's own "auto" once, 7 the retired own192
         with pytest.raises(Exception, match="tile: expected 1"):
             jax.block_until_ready(call(a, jnp.ones((m * 2,), jnp.float32), b,
                                        jnp.ones((g, 2, 2), jnp.float32), jnp.array([0, 4, 8], jnp.int32),
@@ -304,7 +304,7 @@ def test_own_kernel_more_than_512_groups_is_an_error():
     b = jnp.zeros((g, n, k), jnp.float8_e4m3fn)
     offsets = jnp.asarray(np.minimum(np.arange(g + 1), m), jnp.int32)
     args = (a, jnp.ones((m,), jnp.float32), b, jnp.ones((g, 1, 1), jnp.float32), offsets)
-    for tile in ("own128", "own192"):
+    for tile in ("own128", "own64"):
         with pytest.raises(Exception, match="at most 512 groups"):
             jax.block_until_ready(ops.grouped_gemm_raw(*args, tile=tile))
     assert np.isfinite(np.asarray(ops.grouped_gemm_raw(*args, tile="128"), np.float32)).all()

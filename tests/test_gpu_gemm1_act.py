@@ -26,8 +26,11 @@ ACTS = pytest.mark.parametrize("act", [A.Swiglu, A.Geglu, A.Relu2, A.Identity], 
 GATED = (A.Swiglu, A.Geglu)
 
 
-def _fused(act):
-    return jax.jit(lambda *xs: ops.gemm1_act_quant_raw(*xs, act))
+BLOCK_M = pytest.mark.parametrize("block_m", ops.GEMM1_BLOCK_M)
+
+
+def _fused(act, block_m):
+    return jax.jit(lambda *xs: ops.gemm1_act_quant_raw(*xs, act, block_m))
 
 
 def _split_stages(act):
@@ -53,13 +56,13 @@ def _oracle(a_q, a_s, b_q, b_s, offsets, act):
     return acts, q, s
 
 
-def _check(seed, offsets, n, k, act, extra_rows=0):
+def _check(seed, offsets, n, k, act, block_m, extra_rows=0):
     offsets = np.asarray(offsets, np.int32)
     g = len(offsets) - 1
     m = int(offsets[-1]) + extra_rows
     a_q, a_s, b_q, b_s = _inputs(seed, m, g, n, k)
     args = (a_q, jnp.asarray(_grouped_scales_np(np.asarray(a_s), offsets)), b_q, b_s, jnp.asarray(offsets))
-    q, s = _fused(act)(*args)
+    q, s = _fused(act, block_m)(*args)
     inter = n // 2 if act in GATED else n
     assert q.shape == (m, inter) and q.dtype == jnp.float8_e4m3fn
     assert s.shape == (m * inter // 128,) and s.dtype == jnp.float32
@@ -94,34 +97,40 @@ OFFSETS = {
 }
 
 
+@BLOCK_M
 @ACTS
 @pytest.mark.parametrize("name", sorted(OFFSETS))
-def test_small_shapes(name, act):
+def test_small_shapes(name, act, block_m):
     n = 512 if act in GATED else 256  # I = 256: two 128-column quantization blocks
-    _check(1, OFFSETS[name], n, 512, act, extra_rows=9)  # rows past offsets[G] stay unwritten
+    _check(1, OFFSETS[name], n, 512, act, block_m, extra_rows=9)  # rows past offsets[G] stay unwritten
 
 
+@BLOCK_M
 @pytest.mark.parametrize("act", [A.Swiglu, A.Relu2], ids=lambda a: a.name)
-def test_group_ends_at_every_offset_within_a_tile(act):
+@pytest.mark.parametrize("inter", [128, 384])
+def test_group_ends_at_every_offset_within_a_tile(act, inter, block_m):
     """Groups ending before, at and after each 64-row half and 128-row tile: a half the group
     fills is stored by TMA, a partial one row by row (an off-by-one writes another group's rows
-    or scales, caught by the per-row comparisons)."""
+    or scales, caught by the per-row comparisons). I = 128 and 384 are no multiples of own64's
+    256 columns for Relu2 (its last column block is half outside)."""
     sizes = [1, 63, 64, 65, 0, 127, 128, 129, 191, 192, 193, 255, 256, 257, 7]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    _check(11, offsets, 256 if act in GATED else 128, 384, act)  # I = 128
+    _check(11, offsets, 2 * inter if act in GATED else inter, 384, act, block_m)
 
 
-def test_deepseek_shape():
+@BLOCK_M
+def test_deepseek_shape(block_m):
     """DeepSeek-V3 GEMM1: 8 experts of [2*2048, 7168], 1000 rows, one expert empty."""
     offsets = _split(np.random.default_rng(5), 1000, 8, empty=[3])
-    _check(2, offsets, 4096, 7168, A.Swiglu)
+    _check(2, offsets, 4096, 7168, A.Swiglu, block_m)
 
 
-def test_deterministic():
+@BLOCK_M
+def test_deterministic(block_m):
     offsets = np.asarray([0, 100, 100, 333, 400], np.int32)
     a_q, a_s, b_q, b_s = _inputs(3, 400, 4, 512, 1024)
     args = (a_q, jnp.asarray(_grouped_scales_np(np.asarray(a_s), offsets)), b_q, b_s, jnp.asarray(offsets))
-    f = _fused(A.Swiglu)
+    f = _fused(A.Swiglu, block_m)
     (q1, s1), (q2, s2) = f(*args), f(*args)
     np.testing.assert_array_equal(np.asarray(q1).view(np.uint8), np.asarray(q2).view(np.uint8))
     np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
@@ -135,7 +144,7 @@ def test_zero_rows():
 
 
 # ----------------------------------------------------------------------------- errors
-def _call(b_rows, g=2, act=A.Swiglu, m=8, k=256):
+def _call(b_rows, g=2, act=A.Swiglu, m=8, k=256, block_m=128):
     a = jnp.zeros((m, k), jnp.float8_e4m3fn)
     b = jnp.zeros((g, b_rows, k), jnp.float8_e4m3fn)
     offsets = jnp.asarray(np.minimum(np.arange(g + 1), m), jnp.int32)
@@ -143,9 +152,10 @@ def _call(b_rows, g=2, act=A.Swiglu, m=8, k=256):
     return jax.block_until_ready(jax.ffi.ffi_call(
         "jax_moe_gemm1_act_quant",
         (jax.ShapeDtypeStruct((m, inter), jnp.float8_e4m3fn),
-         jax.ShapeDtypeStruct((m * inter // 128,), jnp.float32)),
+         jax.ShapeDtypeStruct((m * inter // 128,), jnp.float32),
+         jax.ShapeDtypeStruct((ops.OWN_GEMM_WORKSPACE_INTS,), jnp.int32)),
     )(a, jnp.ones((m * k // 128,), jnp.float32), b, jnp.ones((g, b_rows // 128, k // 128), jnp.float32),
-      offsets, activation=np.int32(int(act))))
+      offsets, activation=np.int32(int(act)), block_m=np.int32(block_m)))
 
 
 def test_errors():
@@ -155,4 +165,7 @@ def test_errors():
         _call(384)  # gated: I = 192 is no multiple of 128
     with pytest.raises(Exception, match="at most 512 groups"):
         _call(256, g=513)
+    with pytest.raises(Exception, match="block_m: expected 128 or 64, got 96"):
+        _call(256, block_m=96)
     _call(384, act=A.Relu2)  # I = 384: fine
+    _call(384, act=A.Relu2, block_m=64)

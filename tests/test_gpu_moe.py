@@ -255,7 +255,7 @@ def test_every_gemm_tile_in_the_pipeline(monkeypatch, tile):
     check_close(cu, xl, tile)
 
 
-@pytest.mark.parametrize("gemm1", ["split", "fused"])
+@pytest.mark.parametrize("gemm1", ["split", "fused128", "fused64"])
 @pytest.mark.parametrize("act", [A.Swiglu, A.Geglu, A.Relu2, A.Identity], ids=lambda a: a.name)
 def test_gemm1_fused_and_split_in_the_pipeline(monkeypatch, act, gemm1):
     """The whole op with GEMM1 + act_quant fused into the own kernel's epilogue or split, ~75

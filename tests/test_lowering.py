@@ -27,11 +27,12 @@ def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
     monkeypatch.setenv(ops.TILE_ENV, "swap16")
     with pytest.raises(ValueError, match="JAX_MOE_GEMM_TILE.*got 'swap16'"):
         jax.eval_shape(ops.grouped_gemm_raw, *args)
-    assert {ops._gemm_tile(t, 1) for t in ops.GEMM_TILES} == {1, 2, 3, 6, 7}
+    assert {ops._gemm_tile(t, 1) for t in ops.GEMM_TILES} == {1, 2, 3, 6, 8}
     # "auto" by rows per group; the own kernel only up to 512 groups
-    assert [ops.gemm_tile_for(r) for r in (16, 17, 32, 33, 64, 65)] == \
-        ["swap32", "64", "64", "own128", "own128", "128"]
-    assert ops.gemm_tile_for(64, ops.OWN_GEMM_MAX_GROUPS + 1) == "128"
+    assert [ops.gemm_tile_for(r) for r in (1, 16, 17, 32, 33, 64, 65)] == \
+        ["own64"] * 6 + ["128"]
+    assert [ops.gemm_tile_for(r, ops.OWN_GEMM_MAX_GROUPS + 1) for r in (16, 17, 32, 33, 64, 65)] == \
+        ["swap32", "64", "64", "128", "128", "128"]
 
 
 def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
@@ -47,21 +48,20 @@ def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
         text = jax.jit(lambda *x: ops.grouped_gemm_raw(*x, **kw)).lower(*args).as_text()
         return [line.split("tile = ")[1].split(" ")[0] for line in text.splitlines() if "tile = " in line]
 
-    assert [attr(tile=t) for t in ("128", "64", "swap32", "own128", "own192")] == \
-        [["1"], ["2"], ["3"], ["6"], ["7"]]
+    assert [attr(tile=t) for t in ("128", "64", "swap32", "own128", "own64")] == \
+        [["1"], ["2"], ["3"], ["6"], ["8"]]
     # "auto" is resolved here from the static shapes: M/G = 8/2 rows per group -> swap32, and
     # from rows_per_group when given
-    assert attr(tile="auto") == ["3"]
-    assert attr(tile="auto", rows_per_group=24) == ["2"]
-    assert attr(tile="auto", rows_per_group=33) == ["6"]
+    assert attr(tile="auto") == ["8"]
+    assert attr(tile="auto", rows_per_group=64) == ["8"]
     assert attr(tile="auto", rows_per_group=65) == ["1"]
     monkeypatch.setenv(ops.TILE_ENV, "swap32")
     assert attr() == ["3"]
 
 
 def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
-    """GEMM1's and GEMM2's configs in the lowered CUDA pipeline: a tile name, or "fused" for
-    GEMM1 with act_quant in its epilogue (jax_moe_gemm1_act_quant)."""
+    """GEMM1's and GEMM2's configs in the lowered CUDA pipeline: a tile name, or "fused<block_m>"
+    for GEMM1 with act_quant in its epilogue (jax_moe_gemm1_act_quant)."""
     monkeypatch.setattr(_native, "register_targets", lambda: None)
     h, i, k = 256, 128, 8
     rng = np.random.default_rng(0)
@@ -78,17 +78,17 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
     gemms = []
     for line in text.splitlines():
         if "@jax_moe_gemm1_act_quant" in line:
-            gemms.append("fused")
+            gemms.append("fused" + line.split("block_m = ")[1].split(" ")[0])
         elif "@jax_moe_grouped_gemm" in line and "tile = " in line:
             gemms.append(names[int(line.split("tile = ")[1].split(" ")[0])])
     return gemms
 
 
 @pytest.mark.parametrize("t, e, e_loc, gemm1, gemm2", [
-    (1, 256, 256, "swap32", "swap32"), (16, 256, 256, "swap32", "swap32"),  # <= 16 rows
-    (512, 256, 32, "swap32", "swap32"),
-    (1024, 256, 32, "64", "64"),                                             # 32 rows
-    (2048, 256, 256, "own128", "own128"), (2080, 256, 32, "128", "128"),     # 64, 65 rows
+    (1, 256, 256, "own64", "own64"), (16, 256, 256, "own64", "own64"),      # <= 16 rows
+    (512, 256, 32, "own64", "own64"),
+    (544, 256, 32, "fused64", "own64"), (1024, 256, 32, "fused64", "own64"),  # 17, 32 rows
+    (2048, 256, 256, "fused64", "own64"), (2080, 256, 32, "128", "128"),    # 64, 65 rows
     (4096, 256, 32, "128", "128"),                                           # 128 rows
 ])
 def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc, gemm1, gemm2):
@@ -107,11 +107,15 @@ def test_pipeline_env_overrides(monkeypatch):
     monkeypatch.setenv(ops.TILE_ENV, "64")
     assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["64", "64"]
     monkeypatch.setenv(ops.GEMM1_ENV, "fused")
-    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["fused", "64"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["fused64", "64"]
     monkeypatch.delenv(ops.TILE_ENV)
-    assert _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256) == ["fused", "swap32"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256) == ["fused64", "own64"]
+    monkeypatch.setenv(ops.GEMM1_ENV, "fused128")
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["fused128", "own64"]
+    monkeypatch.setenv(ops.GEMM1_ENV, "fused64")
+    assert _gemm_tiles_of_the_op(monkeypatch, 4096, 256, 256) == ["fused64", "128"]
     monkeypatch.setenv(ops.GEMM1_ENV, "split")
-    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["own128", "own128"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["own64", "own64"]
     monkeypatch.setenv(ops.GEMM1_ENV, "both")
     with pytest.raises(ValueError, match="JAX_MOE_GEMM1.*got 'both'"):
         _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256)

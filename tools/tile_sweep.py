@@ -2,7 +2,8 @@
 DeepSeek-V3 workloads of bench_moe.py, in one process per expert count. The config is the
 GEMM's `tile` attribute, taken from JAX_MOE_GEMM_TILE when the op is traced, so every config
 gets its own trace (jax.clear_caches()). An entry TILE/MODE also sets JAX_MOE_GEMM1 to MODE
-(fused: GEMM1 + act_quant in one kernel; split: GEMM1 with TILE, then act_quant).
+(fused, fused128, fused64: GEMM1 + act_quant in one kernel; split: GEMM1 with TILE, then
+act_quant).
 
     python tools/tile_sweep.py [--tiles auto 64 128 swap32 auto/fused auto/split] [--reps 20]
 """
@@ -23,12 +24,13 @@ def main():
     ap.add_argument("--tiles", nargs="+", default=["auto", "64", "128", "swap32"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--local-experts", type=int, nargs="+", default=[256, 32])
+    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="these T instead of the benchmark's")
     args = ap.parse_args()
     print("tile-sweep  E_loc      T  rows/grp  " + "  ".join(f"{t:>8}" for t in args.tiles) + "   (ms)")
     for e_loc in args.local_experts:
         w = deepseek_weights(e_loc)
         fn = jax.jit(lambda *a: jax_moe.fp8_block_scale_moe(*a, **KW))
-        for t in WORKLOADS[e_loc]:
+        for t in args.tokens or WORKLOADS[e_loc]:
             sets = token_sets(w, t)
             ms = []
             for entry in args.tiles:
