@@ -283,6 +283,31 @@ __device__ __forceinline__ void PutFp8(uint8_t* out, int rl0, int lane, int c0, 
   }
 }
 
+// The scales of rows row and row + 8 (those below the group's end) of 1x128 block `col / 128`
+// in the grouped MN-major layout: scale(row r of group g, block c) = d_scale[g0 * I/128 +
+// c * rows_g + r - g0], g0 = the group's first row.
+__device__ __forceinline__ void PutRowScales(float* d_scale, int g0, int end, int n_out, int col, int row, float s0,
+                                             float s1) {
+  float* ds = d_scale + int64_t(g0) * (n_out / 128) + int64_t(col / 128) * (end - g0) - g0;
+  if (row < end) ds[row] = s0;
+  if (row + 8 < end) ds[row + 8] = s1;
+}
+
+// A 64-row output block whose group ends inside it: 16-byte copies of the rows below `end` from
+// its swizzled shared-memory boxes (8192 bytes per 128-byte column box) to d [., n_out] at
+// (row0, col0), by `threads` threads from `first`. CHUNKS: 16-byte chunks per row.
+template <int CHUNKS, class OutT>
+__device__ __forceinline__ void CopyRowsBelow(const uint8_t* out, OutT* d, int row0, int end, int col0, int n_out,
+                                              int first, int threads) {
+  constexpr int kPerChunk = 16 / int(sizeof(OutT));
+  for (int q = first; q < 64 * CHUNKS; q += threads) {
+    const int row = q / CHUNKS, cc = q % CHUNKS, col = col0 + cc * kPerChunk;
+    const uint8_t* src = out + (cc / 8) * 8192 + row * 128 + (((cc % 8) ^ (row & 7)) << 4);
+    if (row0 + row < end && col < n_out)
+      *reinterpret_cast<int4*>(d + int64_t(row0 + row) * n_out + col) = *reinterpret_cast<const int4*>(src);
+  }
+}
+
 // Named barrier of both math warpgroups (id 3).
 __device__ __forceinline__ void MathBarrier() { asm volatile("bar.sync 3, 256;" ::: "memory"); }
 
@@ -513,35 +538,27 @@ __global__ void __launch_bounds__(kThreads, 1)
         // own64 gated: this warpgroup holds columns [64w, 64w + 64) of the tile's quantization
         // block; the row maxima meet in shared memory, both halves go to one 64 x 128-byte
         // buffer that warpgroup 1's thread 0 stores
+        const bool store_thread = w == 1 && ct == 0;
         float2 amax = RowAbsMax<32>(act);
         if (lane % 4 == 0) {
           s.amax[w][rl0] = amax.x;
           s.amax[w][rl0 + 8] = amax.y;
         }
-        if (tid == 256) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        if (store_thread) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
         MathBarrier();
         amax = make_float2(fmaxf(s.amax[0][rl0], s.amax[1][rl0]), fmaxf(s.amax[0][rl0 + 8], s.amax[1][rl0 + 8]));
         const float s0 = fmaxf(amax.x / 448.0f, FLT_MIN), s1 = fmaxf(amax.y / 448.0f, FLT_MIN);
-        if (w == 0 && lane % 4 == 0) {  // scale(row r of group g, block c) = d_scale[g0 * I/128 + c * rows_g + r - g0]
-          float* ds = d_scale + int64_t(g0) * (n_out / 128) + int64_t(n0 / 128) * (end - g0) - g0;
-          if (row0 + rl0 < end) ds[row0 + rl0] = s0;
-          if (row0 + rl0 + 8 < end) ds[row0 + rl0 + 8] = s1;
-        }
+        if (w == 0 && lane % 4 == 0) PutRowScales(d_scale, g0, end, n_out, n0, row0 + rl0, s0, s1);
         PutFp8<32>(s.out[0], rl0, lane, 64 * w, act, s0, s1);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         MathBarrier();
         if (row0 + 64 <= end) {
-          if (tid == 256) {
+          if (store_thread) {
             TmaStore(&map_d, s.out[0], n0, row0);
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
           }
-        } else {  // the group ends inside the tile: 16-byte copies of its rows only
-          for (int q = tid - 128; q < 64 * 8; q += 256) {
-            const int row = q / 8, cc = q % 8;
-            const uint8_t* src = s.out[0] + row * 128 + ((cc ^ (row & 7)) << 4);
-            if (row0 + row < end)
-              *reinterpret_cast<int4*>(d + int64_t(row0 + row) * n_out + n0 + cc * 16) = *reinterpret_cast<const int4*>(src);
-          }
+        } else {  // the group ends inside the tile
+          CopyRowsBelow<8>(s.out[0], d, row0, end, n0, n_out, tid - 128, 256);
         }
         continue;
       }
@@ -550,11 +567,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // lanes of the row), s = max(amax / 448, FLT_MIN), q = fp8(a / s)
         const float2 amax = RowAbsMax<64>(act);
         const float s0 = fmaxf(amax.x / 448.0f, FLT_MIN), s1 = fmaxf(amax.y / 448.0f, FLT_MIN);
-        if (lane % 4 == 0 && col0 < n_out) {  // scale(row r of group g, block c) = d_scale[g0 * I/128 + c * rows_g + r - g0]
-          float* ds = d_scale + int64_t(g0) * (n_out / 128) + int64_t(col0 / 128) * (end - g0) - g0;
-          if (row0h + rl0 < end) ds[row0h + rl0] = s0;
-          if (row0h + rl0 + 8 < end) ds[row0h + rl0 + 8] = s1;
-        }
+        if (lane % 4 == 0 && col0 < n_out) PutRowScales(d_scale, g0, end, n_out, col0, row0h + rl0, s0, s1);
         if (EPI == kActPlain) AwaitOutBuffer(ct, wg);
         else WarpgroupBarrier(wg);  // every thread has read its pass-0 values back
         PutFp8<64>(out, rl0, lane, 0, act, s0, s1);
@@ -579,14 +592,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int box = 0; box < OB; ++box) TmaStore(&map_d, out + box * 8192, col0 + box * 128 / OB, row0h);
           asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
-      } else {  // the group ends inside this block: 16-byte copies of its rows only
-        constexpr int kChunksPerRow = 128 * OB / 16;
-        for (int q = ct; q < 64 * kChunksPerRow; q += 128) {
-          const int row = q / kChunksPerRow, cc = q % kChunksPerRow, col = col0 + cc * 16 / OB;
-          const uint8_t* src = out + (cc / 8) * 8192 + row * 128 + (((cc % 8) ^ (row & 7)) << 4);
-          if (row0h + row < end && col < n_out)
-            *reinterpret_cast<int4*>(d + int64_t(row0h + row) * n_out + col) = *reinterpret_cast<const int4*>(src);
-        }
+      } else {  // the group ends inside this block
+        CopyRowsBelow<128 * OB / 16>(out, d, row0h, end, col0, n_out, ct, 128);
       }
     }
     if (ct == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");

@@ -373,6 +373,10 @@ constexpr bool kExperimentTiles = true;
 #else
 constexpr bool kExperimentTiles = false;
 #endif
+constexpr bool IsKnownTile(int32_t t) {
+  return t == kBig || t == kSmall || t == kSwap32 || t == kOwn128 || t == kOwn64 ||
+         (kExperimentTiles && (t == kBigM2 || t == kBigM2N2));
+}
 
 // --------------------------------------------------------------------------------------------
 // The handler.
@@ -382,7 +386,7 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                            ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> d,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
-  if (tile < kBig || tile > kOwn64 || tile == 7 || (!kExperimentTiles && (tile == kBigM2 || tile == kBigM2N2)))
+  if (!IsKnownTile(tile))
     return InvalidArgument(std::string(op) + ": tile: expected 1, 2, 3, 6 or 8" +
                            (kExperimentTiles ? std::string(" (4, 5: experiment build)") : std::string()) +
                            ", got " + std::to_string(tile));

@@ -199,6 +199,7 @@ def act_quant(g, p: Plan, activation_type):
 GEMM1_ENV = "JAX_MOE_GEMM1"
 GEMM1_MODES = ("auto", "fused", "fused128", "fused64", "split")
 GEMM1_BLOCK_M = (128, 64)  # row tiles of the fused kernel: own128 or own64
+GEMM1_FUSED_BLOCK_M = 64  # mode "fused" and "auto": 64 x 256 tiles pad each group's rows to 64
 
 
 def gemm1_fused_for(rows_per_group, num_groups):
@@ -209,13 +210,6 @@ def gemm1_fused_for(rows_per_group, num_groups):
     4.494 -> 4.434); at <= 16 rows the split stages are 1-3 % faster, and above 64 rows the
     fused kernel loses to CUTLASS's GEMM + act_quant (prefill T=8192 9.4 vs 8.9 ms)."""
     return 16 < rows_per_group <= 64 and num_groups <= OWN_GEMM_MAX_GROUPS
-
-
-def gemm1_block_m_for(rows_per_group):
-    """Row tile of the fused kernel for `rows_per_group`: 64 x 256 tiles pad each group's rows
-    to 64 instead of 128."""
-    del rows_per_group
-    return 64
 
 
 def gemm1_act_quant_raw(a, a_scale, b, b_scale, expert_offsets, activation_type, block_m=128):
@@ -242,7 +236,7 @@ def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activatio
                     rows_per_group=None):
     """The pipeline's GEMM1 + act_quant stage: fused (`gemm1_act_quant_raw`) or split (float32
     grouped GEMM, then `act_quant`), by `gemm1_fused_for` unless $JAX_MOE_GEMM1 says "fused"
-    (row tile by `gemm1_block_m_for`), "fused128", "fused64" or "split" (read at trace time). A
+    (row tile GEMM1_FUSED_BLOCK_M), "fused128", "fused64" or "split" (read at trace time). A
     tile forced by $JAX_MOE_GEMM_TILE means split, unless $JAX_MOE_GEMM1 says otherwise."""
     g = weights.shape[0]
     rows_per_group = rows_per_group if rows_per_group is not None else rows.shape[0] / max(g, 1)
@@ -255,7 +249,7 @@ def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activatio
     else:
         fused = mode.startswith("fused")
     if fused and g <= OWN_GEMM_MAX_GROUPS:
-        block_m = int(mode[5:]) if mode in ("fused128", "fused64") else gemm1_block_m_for(rows_per_group)
+        block_m = {"fused128": 128, "fused64": 64}.get(mode, GEMM1_FUSED_BLOCK_M)
         return gemm1_act_quant_raw(rows, row_scales, weights, weight_scales, p.expert_offsets,
                                    activation_type, block_m)
     h = grouped_gemm(rows, row_scales, weights, weight_scales, p, out_dtype=jnp.float32,

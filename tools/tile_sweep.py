@@ -13,6 +13,7 @@ import os
 import jax
 
 import jax_moe
+from jax_moe import api
 from jax_moe.testing import device_time
 from probe_moe import E, KW, deepseek_weights, token_sets  # tools/ is the script's directory
 
@@ -44,7 +45,7 @@ def main():
                 ms.append(device_time(fn, sets, args.reps) * 1e3)
             os.environ.pop("JAX_MOE_GEMM_TILE", None)
             os.environ.pop("JAX_MOE_GEMM1", None)
-            rows = t * KW["top_k"] / E
+            rows = api.expected_rows_per_expert(t, KW["top_k"], E)
             print(f"tile-sweep  {e_loc:5d}  {t:5d}  {rows:8.1f}  " + "  ".join(f"{m:8.3f}" for m in ms),
                   flush=True)
 
