@@ -13,7 +13,7 @@ import os
 import jax
 
 import jax_moe
-from jax_moe import api
+from jax_moe import api, ops
 from jax_moe.testing import device_time
 from probe_moe import E, KW, deepseek_weights, token_sets  # tools/ is the script's directory
 
@@ -36,15 +36,15 @@ def main():
             ms = []
             for entry in args.tiles:
                 tile, _, gemm1 = entry.partition("/")
-                for var, value in (("JAX_MOE_GEMM_TILE", tile), ("JAX_MOE_GEMM1", gemm1 or "auto")):
+                for var, value in ((ops.TILE_ENV, tile), (ops.GEMM1_ENV, gemm1 or "auto")):
                     if value == "auto":
                         os.environ.pop(var, None)
                     else:
                         os.environ[var] = value
                 jax.clear_caches()
                 ms.append(device_time(fn, sets, args.reps) * 1e3)
-            os.environ.pop("JAX_MOE_GEMM_TILE", None)
-            os.environ.pop("JAX_MOE_GEMM1", None)
+            os.environ.pop(ops.TILE_ENV, None)
+            os.environ.pop(ops.GEMM1_ENV, None)
             rows = api.expected_rows_per_expert(t, KW["top_k"], E)
             print(f"tile-sweep  {e_loc:5d}  {t:5d}  {rows:8.1f}  " + "  ".join(f"{m:8.3f}" for m in ms),
                   flush=True)
