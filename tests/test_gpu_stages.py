@@ -238,7 +238,7 @@ def _check_permute(rows, scales, hidden, hs, offsets, row_to_slot, k):
 
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("e_loc", [8, 32, 256])
-@pytest.mark.parametrize("t", [0, 1, 7, 128, 1000, 4096])
+@pytest.mark.parametrize("t", [0, 1, 7, 128, 300, 512, 1000, 4096])  # k=8: 1024, 2400, 4096 slots: 1, 3, 4 chunks
 def test_plan_permute(t, e_loc, dist):
     rng = np.random.default_rng(_seed(t, e_loc, dist))
     k, h = 8, 256
@@ -280,7 +280,7 @@ def test_plan_permute_shapes(t, k, e_loc, h):
     _check_permute(rows, scales, hidden, hs, offsets, np.asarray(p.row_to_slot), k)
 
 
-@pytest.mark.parametrize("t", [1, 16, 128, 1000, 4096])  # one-kernel (<= 1024 slots) and chunked
+@pytest.mark.parametrize("t", [1, 16, 128, 512, 1000, 4096])  # one-kernel (<= 1024 slots) and chunked
 @pytest.mark.parametrize("offset", [0, 40])
 def test_plan_global_ids_with_offset(t, offset):
     """ids relative to all E experts, shifted in the kernel: same plan as local ids computed on

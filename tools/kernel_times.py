@@ -1,0 +1,97 @@
+"""Device-side times of the jitted fp8_block_scale_moe on DeepSeek-V3 workloads, independent of
+how fast the host dispatches: CUPTI kernel records (through torch.profiler, which sees every
+kernel of the process, JAX's included) give per kernel the median duration, and per op the
+busy time (sum of kernel durations) and the span (first kernel start to last kernel end over
+N back-to-back calls, divided by N: busy + launch gaps). Also `device_time` (what
+benchmarks/bench_moe.py reports), measured *before* any profiling: CUPTI's hooks stay in the
+process and slow the host's dispatch afterwards (T=1 168 -> 268 us on an H100 host).
+
+Arms (in-process A/B): each `--arms` entry is a space-separated list of settings applied before
+its trace, `ops.NAME=value` (an attribute of jax_moe.ops, value parsed as a Python literal) or
+`ENV=value`; the arms' device_time rounds alternate so that drift hits them alike.
+
+    python tools/kernel_times.py --tokens 1 --local-experts 256
+    python tools/kernel_times.py --tokens 512 --local-experts 32 \\
+        --arms "JAX_MOE_GEMM_TILE=own64" "JAX_MOE_GEMM_TILE=swap32"
+"""
+import argparse
+import ast
+import os
+from collections import defaultdict
+
+import jax
+import numpy as np
+
+import jax_moe
+from jax_moe import grad, ops
+from jax_moe.testing import device_time
+from probe_moe import KW, deepseek_weights, token_sets
+
+
+def apply(arm):
+    for setting in arm.split():
+        name, value = setting.split("=", 1)
+        if name.startswith("ops."):
+            setattr(ops, name[4:], ast.literal_eval(value))
+        else:
+            os.environ[name] = value
+
+
+def short_name(name):
+    name = name.replace("(anonymous namespace)::", "").replace("void ", "")
+    if "GemmUniversal" in name:
+        return "cutlass_gemm"
+    return name.split("(")[0].split("<")[0].split("::")[-1][:28]
+
+
+def cupti(fn, sets, calls):
+    import torch  # noqa: F401  (torch.profiler needs torch's CUDA side)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = None
+        for i in range(calls):
+            out = fn(*sets[i % len(sets)])
+        jax.block_until_ready(out)
+    ks = sorted((e.time_range.start, e.time_range.end, short_name(e.name)) for e in prof.events()
+                if e.device_type.name == "CUDA")
+    per_kernel = defaultdict(list)
+    for a, b, n in ks:
+        per_kernel[n].append(b - a)
+    return (ks[-1][1] - ks[0][0]) / calls, sum(b - a for a, b, _ in ks) / calls, per_kernel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1])
+    ap.add_argument("--local-experts", type=int, default=256)
+    ap.add_argument("--arms", nargs="+", default=[""])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=20)
+    args = ap.parse_args()
+    w = deepseek_weights(args.local_experts)
+    for t in args.tokens:
+        sets = token_sets(w, t)
+        fns = {}
+        for arm in args.arms:
+            # compiled ahead of time: a plain jitted function would be traced again (under the
+            # last arm's settings) once jax.clear_caches() has run for a later arm
+            apply(arm)
+            jax.clear_caches()
+            grad._core.cache_clear()  # its jitted pipeline would keep the first arm's trace
+            fns[arm] = jax.jit(lambda *a: jax_moe.fp8_block_scale_moe(*a, **KW)).lower(*sets[0]).compile()
+            jax.block_until_ready(fns[arm](*sets[0]))
+        dev = {arm: [] for arm in fns}
+        for _ in range(args.rounds):
+            for arm, f in fns.items():
+                dev[arm].append(device_time(f, sets, 30))
+        for arm, f in fns.items():
+            span, busy, per_kernel = cupti(f, sets, args.calls)
+            print(f"T={t} E_loc={args.local_experts} [{arm or 'default'}]: device_time "
+                  f"{np.median(dev[arm]) * 1e6:.1f} us, CUPTI span/op {span:.1f} us, busy/op {busy:.1f} us",
+                  flush=True)
+            for name, d in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1])):
+                print(f"    {name:28s} {len(d) / args.calls:4.1f}/op  median {np.median(d):7.1f} us")
+
+
+if __name__ == "__main__":
+    main()
