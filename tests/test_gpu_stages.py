@@ -238,7 +238,7 @@ def _check_permute(rows, scales, hidden, hs, offsets, row_to_slot, k):
 
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("e_loc", [8, 32, 256])
-@pytest.mark.parametrize("t", [0, 1, 7, 128, 1000, 4096])
+@pytest.mark.parametrize("t", [0, 1, 7, 128, 512, 1000, 4096])
 def test_plan_permute(t, e_loc, dist):
     rng = np.random.default_rng(_seed(t, e_loc, dist))
     k, h = 8, 256
@@ -268,7 +268,7 @@ def test_plan_permute(t, e_loc, dist):
 
 @pytest.mark.parametrize("t,k,e_loc,h", [(128, 8, 256, 7168), (1000, 6, 32, 2048),
                                          (333, 1, 8, 384), (32768, 8, 256, 128),
-                                         (16384, 8, 512, 128)])
+                                         (16384, 8, 512, 128), (512, 8, 512, 128)])
 def test_plan_permute_shapes(t, k, e_loc, h):
     rng = np.random.default_rng(t + k + e_loc + h)
     ids = _plan_ids(rng, t, k, e_loc, "mixed")
@@ -280,7 +280,7 @@ def test_plan_permute_shapes(t, k, e_loc, h):
     _check_permute(rows, scales, hidden, hs, offsets, np.asarray(p.row_to_slot), k)
 
 
-@pytest.mark.parametrize("t", [1, 16, 128, 1000, 4096])  # one-kernel (<= 1024 slots) and chunked
+@pytest.mark.parametrize("t", [1, 16, 128, 512, 513, 1000, 4096])  # one kernel (<= 4096 slots), chunked
 @pytest.mark.parametrize("offset", [0, 40])
 def test_plan_global_ids_with_offset(t, offset):
     """ids relative to all E experts, shifted in the kernel: same plan as local ids computed on
