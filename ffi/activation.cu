@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "ffi_common.h"
+#include "stages.h"
 
 namespace jax_moe {
 namespace {
@@ -39,6 +40,7 @@ __global__ void __launch_bounds__(kThreads)
     ActQuantKernel(const T* __restrict__ g, const int32_t* __restrict__ offsets,
                    int num_groups, int64_t num_rows, int64_t inter,
                    __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scales) {
+  GridDependencyTrigger();  // a GEMM launched after this one with PDL may start (stages.h)
   extern __shared__ int offs[];  // [G + 1]
   for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) offs[i] = offsets[i];
   __syncthreads();
@@ -143,9 +145,10 @@ void LaunchActQuant(cudaStream_t stream, unsigned grid, size_t smem, int32_t act
   }
 }
 
-ffi::Error ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer g,
-                        ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> q,
-                        ffi::Result<ffi::Buffer<ffi::F32>> scales, int32_t activation) {
+}  // namespace
+
+ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi::Buffer<ffi::S32>& offsets,
+                         ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation) {
   const bool gated = IsGatedActivation(activation);
   if (!IsSupportedActivation(activation)) {
     return InvalidArgument("jax_moe_act_quant: activation: expected Swiglu (3), Geglu (4), "
@@ -167,23 +170,31 @@ ffi::Error ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer g,
                            (gated ? "2*I" : "I") + " with I a multiple of 128, got " +
                            std::to_string(n));
   }
-  if (!IsFp8E4M3(*q)) {
+  if (!IsFp8E4M3(q)) {
     return InvalidArgument("jax_moe_act_quant: output: expected dtype float8_e4m3fn");
   }
   int num_groups = 0;
   JAX_MOE_RETURN_IF_ERROR(CheckOffsets(offsets, "jax_moe_act_quant", kMaxGroups, &num_groups));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*q, "act_quant output", {m, inter}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*scales, "act_quant scales (output)", {m * inter / 128}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(q, "act_quant output", {m, inter}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(scales, "act_quant scales (output)", {m * inter / 128}));
   if (m == 0 || inter == 0) return ffi::Error::Success();
 
   const unsigned grid = GridStrideBlocks(m * (inter / 128), kUnitsPerBlock);  // (row, block) units
   const size_t smem = (num_groups + 1) * sizeof(int);
-  auto* qp = static_cast<__nv_fp8_storage_t*>(q->untyped_data());
+  auto* qp = static_cast<__nv_fp8_storage_t*>(q.untyped_data());
   auto launch = g_type == ffi::DataType::F32 ? LaunchActQuant<float> : LaunchActQuant<__nv_bfloat16>;
   launch(stream, grid, smem, activation, g.untyped_data(), offsets.typed_data(), num_groups, m,
-         inter, qp, scales->typed_data());
+         inter, qp, scales.typed_data());
   JAX_MOE_CHECK_LAUNCH("jax_moe_act_quant kernel launch");
   return ffi::Error::Success();
+}
+
+namespace {
+
+ffi::Error ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::S32> offsets,
+                        ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::Buffer<ffi::F32>> scales,
+                        int32_t activation) {
+  return ActQuantStage(stream, g, offsets, *q, *scales, activation);
 }
 
 }  // namespace

@@ -46,6 +46,7 @@
 
 #include "blockwise_gemm_sm90.h"
 #include "ffi_common.h"  // NumSms
+#include "stages.h"
 
 namespace jax_moe {
 namespace {
@@ -399,6 +400,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) {  // TMA loads of A and B; claims the tiles
+      // 64-row boxes of b: the same swizzled layout as one box
+      auto load_b = [&](int st, int g, int n0, int p, int kb) {
+#pragma unroll
+        for (int i = 0; i < BN / 64; ++i)
+          TmaLoad(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, p, n_out));
+      };
+      // The first tile's weight loads for the first stages go out before the grid-dependency
+      // wait (see LaunchOwnGroupedGemm: b is complete when the kernel before this one starts),
+      // so under PDL they overlap that kernel; a, its output, is loaded after the wait.
+      int early = 0;  // stages of the first tile whose b loads are issued
+      if (int(blockIdx.x) < total) {
+        int g, row0, end, n0;
+        TileCoords<BM>(s, num_groups, num_units, TN, blockIdx.x, &g, &row0, &end, &n0);
+        early = min(STAGES, kb_count);
+        for (int kb = 0; kb < early; ++kb) {  // fresh stages: no empty wait
+          MbarExpectTx(&s.full[kb], S::kStageBytes);
+          load_b(kb, g, n0, 0, kb);
+        }
+      }
+      GridDependencyWait();
       int stage = 0, slot = 0;
       uint32_t phase = 0, slot_phase = 0;
       for (int t = blockIdx.x;; t = gridDim.x + atomicAdd(tile_counter, 1)) {
@@ -408,17 +429,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         TileCoords<BM>(s, num_groups, num_units, TN, t, &g, &row0, &end, &n0);
         for (int p = 0; p < kPasses; ++p) {
           for (int kb = 0; kb < kb_count; ++kb) {
-            MbarWait(&s.empty[stage], phase ^ 1);
-            MbarExpectTx(&s.full[stage], S::kStageBytes);
+            const bool b_issued = p == 0 && kb < early;
+            if (!b_issued) {
+              MbarWait(&s.empty[stage], phase ^ 1);
+              MbarExpectTx(&s.full[stage], S::kStageBytes);
+            }
             TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
-#pragma unroll
-            for (int i = 0; i < BN / 64; ++i)  // 64-row boxes: the same swizzled layout as one box
-              TmaLoad(s.b[stage] + i * 64 * BK, &map_b, &s.full[stage], kb * BK, g * n + BBoxRow<EPI>(i, n0, p, n_out));
+            if (!b_issued) load_b(stage, g, n0, p, kb);
             if (++stage == STAGES) { stage = 0; phase ^= 1; }
           }
         }
+        early = 0;
       }
     } else if (tid >= 32 && tid < 64) {  // warp 1: the scales of every K block
+      GridDependencyWait();  // a's scales come from the kernel before
       const int lane = tid - 32;
       int stage = 0, slot = 0;
       uint32_t phase = 0, slot_phase = 0;
@@ -630,9 +654,9 @@ bool EncodeMap(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols,
 }
 
 template <int BM, class OutT, int EPI>
-cudaError_t Launch(cudaStream_t stream, int g, int m, int n, int k, const void* a, const float* a_scale, const void* b,
-                   const float* b_scale, const int32_t* offsets, void* d, float* d_scale, int activation,
-                   int* tile_counter, const char** what) {
+cudaError_t Launch(cudaStream_t stream, bool pdl, int g, int m, int n, int k, const void* a, const float* a_scale,
+                   const void* b, const float* b_scale, const int32_t* offsets, void* d, float* d_scale,
+                   int activation, int* tile_counter, const char** what) {
   const int n_out = EPI == kActGated ? n / 2 : n;
   CUtensorMap map_a, map_b, map_d;
   if (!EncodeMap(&map_a, a, m, k, 1, BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, 64) ||
@@ -647,13 +671,14 @@ cudaError_t Launch(cudaStream_t stream, int g, int m, int n, int k, const void* 
   *what = "cudaFuncSetAttribute";
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
-  *what = "cudaMemsetAsync (tile counter)";
-  err = cudaMemsetAsync(tile_counter, 0, sizeof(int), stream);
-  if (err != cudaSuccess) return err;
+  if (!pdl) {
+    *what = "cudaMemsetAsync (tile counter)";
+    err = cudaMemsetAsync(tile_counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
   *what = "kernel launch";
-  kernel<<<NumSms(), kThreads, smem, stream>>>(map_a, map_b, map_d, a_scale, b_scale, offsets, g, m, n, k,
-                                               static_cast<OutT*>(d), d_scale, activation, tile_counter);
-  return cudaGetLastError();
+  return LaunchKernel(kernel, NumSms(), kThreads, smem, stream, pdl, map_a, map_b, map_d, a_scale, b_scale, offsets, g,
+                      m, n, k, static_cast<OutT*>(d), d_scale, activation, tile_counter);
 }
 
 // GEMM1 of an MoE with SPEC 3 steps 3-4 in its epilogue: the result of act_quant(grouped_gemm)
@@ -684,7 +709,7 @@ ffi::Error Gemm1ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<
   const char* what = "";
   auto launch = block_m == 64 ? (gated ? Launch<64, uint8_t, kActGated> : Launch<64, uint8_t, kActPlain>)
                               : (gated ? Launch<128, uint8_t, kActGated> : Launch<128, uint8_t, kActPlain>);
-  cudaError_t err = launch(stream, int(sh.g), int(sh.m), int(sh.n), int(sh.k), a.untyped_data(), a_scale.typed_data(),
+  cudaError_t err = launch(stream, false, int(sh.g), int(sh.m), int(sh.n), int(sh.k), a.untyped_data(), a_scale.typed_data(),
                            b.untyped_data(), b_scale.typed_data(), offsets.typed_data(), q->untyped_data(),
                            q_scale->typed_data(), activation, workspace->typed_data(), &what);
   if (err != cudaSuccess) return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
@@ -727,12 +752,12 @@ ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_lis
   return ffi::Error::Success();
 }
 
-cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, int block_m, bool f32_out, int num_groups, int m, int n, int k,
-                                 const void* a, const float* a_scale, const void* b, const float* b_scale,
+cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, bool pdl, int block_m, bool f32_out, int num_groups, int m,
+                                 int n, int k, const void* a, const float* a_scale, const void* b, const float* b_scale,
                                  const int32_t* offsets, void* d, int* tile_counter, const char** what) {
   auto launch = block_m == 64 ? (f32_out ? Launch<64, float, kStore> : Launch<64, __nv_bfloat16, kStore>)
                               : (f32_out ? Launch<128, float, kStore> : Launch<128, __nv_bfloat16, kStore>);
-  return launch(stream, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, nullptr, 0, tile_counter, what);
+  return launch(stream, pdl, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, nullptr, 0, tile_counter, what);
 }
 
 XLA_FFI_DEFINE_HANDLER(Gemm1ActQuantHandler, Gemm1ActQuantImpl,
@@ -751,5 +776,97 @@ XLA_FFI_DEFINE_HANDLER(Gemm1ActQuantHandler, Gemm1ActQuantImpl,
                        {ffi::Traits::kCmdBufferCompatible});
 
 JAX_MOE_REGISTER_TARGET("jax_moe_gemm1_act_quant", Gemm1ActQuantHandler);
+
+// A stage and the own GEMM (64 x 256 or 128 x 128 tiles) that consumes its output, in one call:
+// the stage's kernel runs first, the GEMM is launched after it with PDL and issues its first
+// weight loads while the stage still runs (separate FFI calls cannot overlap this way: XLA
+// records each call into its own CUDA graph node). Same results as the two targets in sequence.
+namespace {
+
+// The GEMM half of both pair targets: checks (a and a_scale are the stage's outputs), zeroes the
+// tile counter, runs `stage`, launches the GEMM as its programmatic dependent.
+template <class Stage>
+ffi::Error StageThenGemm(const char* op, cudaStream_t stream, Stage stage, const ffi::AnyBuffer& a,
+                         const ffi::Buffer<ffi::F32>& a_scale, const ffi::AnyBuffer& b,
+                         const ffi::Buffer<ffi::F32>& b_scale, const ffi::Buffer<ffi::S32>& offsets,
+                         ffi::AnyBuffer& d, ffi::Buffer<ffi::S32>& workspace, int32_t block_m) {
+  if (block_m != 128 && block_m != 64)
+    return InvalidArgument(std::string(op) + ": block_m: expected 128 or 64, got " + std::to_string(block_m));
+  GemmShape sh;
+  JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
+  const bool f32_out = d.element_type() == ffi::DataType::F32;
+  if (!f32_out && d.element_type() != ffi::DataType::BF16)
+    return InvalidArgument(std::string(op) + ": d: output dtype must be bfloat16 or float32");
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(d, (std::string(op) + ": d").c_str(), {sh.m, sh.n}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(workspace, (std::string(op) + ": workspace").c_str(), {kOwnGemmWorkspaceInts}));
+  JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, sh.g, {a.untyped_data(), b.untyped_data(), d.untyped_data()}));
+  cudaError_t err = cudaMemsetAsync(workspace.typed_data(), 0, sizeof(int), stream);
+  if (err != cudaSuccess) return CudaError(err, "tile counter memset");
+  JAX_MOE_RETURN_IF_ERROR(stage());
+  if (sh.m == 0 || sh.n == 0) return ffi::Error::Success();
+  const char* what = "";
+  err = LaunchOwnGroupedGemm(stream, true, block_m, f32_out, int(sh.g), int(sh.m), int(sh.n), int(sh.k),
+                             a.untyped_data(), a_scale.typed_data(), b.untyped_data(), b_scale.typed_data(),
+                             offsets.typed_data(), d.untyped_data(), workspace.typed_data(), &what);
+  if (err != cudaSuccess)
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+ffi::Error PermuteGemmImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
+                           ffi::Buffer<ffi::S32> row_to_slot, ffi::Buffer<ffi::S32> offsets, ffi::AnyBuffer b,
+                           ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> d,
+                           ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::F32>> row_scales,
+                           ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t top_k, int32_t block_m) {
+  auto stage = [&] { return PermuteStage(stream, hidden, hidden_scale, row_to_slot, offsets, *rows, *row_scales, top_k); };
+  return StageThenGemm("jax_moe_permute_gemm", stream, stage, *rows, *row_scales, b, b_scale, offsets, *d, *workspace,
+                       block_m);
+}
+
+ffi::Error ActQuantGemmImpl(cudaStream_t stream, ffi::AnyBuffer h, ffi::Buffer<ffi::S32> offsets, ffi::AnyBuffer b,
+                            ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> d,
+                            ffi::Result<ffi::AnyBuffer> act, ffi::Result<ffi::Buffer<ffi::F32>> act_scales,
+                            ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t activation, int32_t block_m) {
+  auto stage = [&] { return ActQuantStage(stream, h, offsets, *act, *act_scales, activation); };
+  return StageThenGemm("jax_moe_act_quant_gemm", stream, stage, *act, *act_scales, b, b_scale, offsets, *d,
+                       *workspace, block_m);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(PermuteGemmHandler, PermuteGemmImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()          // hidden_states fp8 [T, H]
+                           .Arg<ffi::Buffer<ffi::F32>>()   // hidden_states_scale [H/128, T]
+                           .Arg<ffi::Buffer<ffi::S32>>()   // row_to_slot [T*k]
+                           .Arg<ffi::Buffer<ffi::S32>>()   // expert_offsets [G + 1]
+                           .Arg<ffi::AnyBuffer>()          // b: fp8 [G, N, H] (GEMM1 weights)
+                           .Arg<ffi::Buffer<ffi::F32>>()   // b_scale [G, N/128, H/128]
+                           .Ret<ffi::AnyBuffer>()          // d: f32 or bf16 [T*k, N]
+                           .Ret<ffi::AnyBuffer>()          // permuted rows fp8 [T*k, H] (workspace)
+                           .Ret<ffi::Buffer<ffi::F32>>()   // their scales [T*k*H/128] (workspace)
+                           .Ret<ffi::Buffer<ffi::S32>>()   // [kOwnGemmWorkspaceInts]: the tile counter
+                           .Attr<int32_t>("top_k")
+                           .Attr<int32_t>("block_m"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER(ActQuantGemmHandler, ActQuantGemmImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()          // GEMM1 output f32|bf16 [M, 2I] or [M, I]
+                           .Arg<ffi::Buffer<ffi::S32>>()   // expert_offsets [G + 1]
+                           .Arg<ffi::AnyBuffer>()          // b: fp8 [G, N, I] (GEMM2 weights)
+                           .Arg<ffi::Buffer<ffi::F32>>()   // b_scale [G, N/128, I/128]
+                           .Ret<ffi::AnyBuffer>()          // d: bf16 or f32 [M, N]
+                           .Ret<ffi::AnyBuffer>()          // activations fp8 [M, I] (workspace)
+                           .Ret<ffi::Buffer<ffi::F32>>()   // their scales [M*I/128] (workspace)
+                           .Ret<ffi::Buffer<ffi::S32>>()   // [kOwnGemmWorkspaceInts]: the tile counter
+                           .Attr<int32_t>("activation")
+                           .Attr<int32_t>("block_m"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_permute_gemm", PermuteGemmHandler);
+JAX_MOE_REGISTER_TARGET("jax_moe_act_quant_gemm", ActQuantGemmHandler);
 
 }  // namespace jax_moe

@@ -33,10 +33,15 @@ ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_lis
 
 // block_m: 128 (128 x 128 tiles) or 64 (64 x 256); d is float32 if f32_out, else bfloat16. a, b and d
 // must be 16-byte aligned and k, n multiples of 128 (TMA). tile_counter: kOwnGemmWorkspaceInts
-// ints of device memory, zeroed here on the stream before the launch. On failure *what names
-// the step.
-cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, int block_m, bool f32_out, int num_groups, int m, int n, int k,
-                                 const void* a, const float* a_scale, const void* b, const float* b_scale,
+// ints of device memory, zeroed here on the stream before the launch unless `pdl`. On failure
+// *what names the step.
+// pdl: launched as a programmatic dependent of the kernel before it on the stream (ffi_common.h),
+// which the caller launched after zeroing tile_counter and which must call GridDependencyTrigger
+// only after its own inputs are complete. That kernel may write a and a_scale; the GEMM reads
+// offsets, b and b_scale (and issues its first weight loads) before the wait, so those must be
+// complete when that kernel starts.
+cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, bool pdl, int block_m, bool f32_out, int num_groups, int m,
+                                 int n, int k, const void* a, const float* a_scale, const void* b, const float* b_scale,
                                  const int32_t* offsets, void* d, int* tile_counter, const char** what);
 
 }  // namespace jax_moe

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "registry.h"
 #include "xla/ffi/api/ffi.h"
@@ -108,7 +109,33 @@ inline unsigned GridStrideBlocks(int64_t items, int64_t items_per_block) {
   return static_cast<unsigned>(needed < cap ? needed : cap);
 }
 
+// Programmatic dependent launch (PDL): a kernel launched with `pdl` may start while the kernel
+// before it on the stream is still running, once every block of that one has called
+// GridDependencyTrigger() (or exited). Before reading anything the previous kernel writes, it
+// calls GridDependencyWait(), which returns when that kernel has finished and its writes are
+// visible. Both are no-ops for a kernel launched without the attribute, so kernels call them
+// unconditionally. Callers trigger only after their own wait, so what a dependent reads before
+// its wait (buffers written two or more kernels back, the call's inputs) is complete.
+template <typename... KernelArgs, typename... Args>
+cudaError_t LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                         bool pdl, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 #ifdef __CUDACC__
+__device__ __forceinline__ void GridDependencyWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void GridDependencyTrigger() { asm volatile("griddepcontrol.launch_dependents;" :::); }
+
 // Group g of row r in a grouped row buffer: the largest g in [0, num_groups) with
 // offsets[g] <= r (empty groups before a non-empty one are skipped). `offsets` has
 // num_groups + 1 entries (usually in shared memory); the caller ensures r < offsets[num_groups].

@@ -403,7 +403,7 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
   if (tile == kOwn128 || tile == kOwn64) {
     JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, g, {a.untyped_data(), b.untyped_data(), d->untyped_data()}));
     const char* what = "";
-    cudaError_t err = LaunchOwnGroupedGemm(stream, tile == kOwn64 ? 64 : 128, f32_out, int(g), int(m), int(n),
+    cudaError_t err = LaunchOwnGroupedGemm(stream, false, tile == kOwn64 ? 64 : 128, f32_out, int(g), int(m), int(n),
                                            int(k), a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
                                            b_scale.typed_data(), offsets.typed_data(), d->untyped_data(),
                                            reinterpret_cast<int*>(workspace->typed_data()), &what);

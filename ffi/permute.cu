@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "ffi_common.h"
+#include "stages.h"
 
 namespace jax_moe {
 namespace {
@@ -213,6 +214,7 @@ __global__ void __launch_bounds__(kPermuteWarps * 32)
                   const int32_t* __restrict__ row_to_slot, const int32_t* __restrict__ offsets,
                   int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
                   uint8_t* __restrict__ rows, float* __restrict__ row_scales) {
+  GridDependencyTrigger();  // a GEMM launched after this one with PDL may start (stages.h)
   extern __shared__ int offs[];  // [E + 1]
   for (int g = threadIdx.x; g <= num_experts; g += blockDim.x) offs[g] = offsets[g];
   __syncthreads();
@@ -310,15 +312,16 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
   return ffi::Error::Success();
 }
 
-ffi::Error PermuteImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
-                       ffi::Buffer<ffi::S32> row_to_slot, ffi::Buffer<ffi::S32> offsets,
-                       ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::F32>> row_scales,
-                       int32_t top_k) {
+}  // namespace
+
+ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
+                        const ffi::Buffer<ffi::S32>& row_to_slot, const ffi::Buffer<ffi::S32>& offsets,
+                        ffi::AnyBuffer& rows, ffi::Buffer<ffi::F32>& row_scales, int32_t top_k) {
   if (!IsFp8E4M3(hidden)) {
     return InvalidArgument("jax_moe_permute: hidden_states: expected dtype float8_e4m3fn, got dtype code " +
                            std::to_string(static_cast<int>(hidden.element_type())));
   }
-  if (!IsFp8E4M3(*rows)) {
+  if (!IsFp8E4M3(rows)) {
     return InvalidArgument("jax_moe_permute: rows (output): expected dtype float8_e4m3fn");
   }
   if (hidden.dimensions().size() != 2) {
@@ -340,17 +343,26 @@ ffi::Error PermuteImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<f
   JAX_MOE_RETURN_IF_ERROR(CheckShape(row_to_slot, "row_to_slot", {m}));
   int e = 0;
   JAX_MOE_RETURN_IF_ERROR(CheckOffsets(offsets, "jax_moe_permute", kMaxLocalExperts, &e));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*rows, "rows (output)", {m, h}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_scales, "row_scales (output)", {m * h / 128}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(rows, "rows (output)", {m, h}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(row_scales, "row_scales (output)", {m * h / 128}));
   if (m == 0 || h == 0) return ffi::Error::Success();
 
   const unsigned grid = GridStrideBlocks(m, kPermuteWarps);  // one warp per row
   PermuteKernel<<<grid, kPermuteWarps * 32, (e + 1) * sizeof(int), stream>>>(
       static_cast<const uint8_t*>(hidden.untyped_data()), hidden_scale.typed_data(),
       row_to_slot.typed_data(), offsets.typed_data(), e, t, top_k, h,
-      static_cast<uint8_t*>(rows->untyped_data()), row_scales->typed_data());
+      static_cast<uint8_t*>(rows.untyped_data()), row_scales.typed_data());
   JAX_MOE_CHECK_LAUNCH("jax_moe_permute kernel launch");
   return ffi::Error::Success();
+}
+
+namespace {
+
+ffi::Error PermuteImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
+                       ffi::Buffer<ffi::S32> row_to_slot, ffi::Buffer<ffi::S32> offsets,
+                       ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::F32>> row_scales,
+                       int32_t top_k) {
+  return PermuteStage(stream, hidden, hidden_scale, row_to_slot, offsets, *rows, *row_scales, top_k);
 }
 
 }  // namespace

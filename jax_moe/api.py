@@ -100,14 +100,12 @@ def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_sca
         return MoEOutputs(jnp.zeros((0, k, h), jnp.bfloat16), topk_weights, topk_ids)
     e_loc = gemm1_weights.shape[0]
     plan = stages.plan(topk_ids, e_loc, expert_offset=local_expert_offset, num_experts=num_experts)
-    rows, row_scales = stages.permute(hidden_states, hidden_states_scale, plan, k)
     # GEMM1's output stays float32 (SPEC 3 step 2 allows, not requires, rounding it to bf16): a
-    # bf16 rounding here turns the ~1e-4 accumulation-order differences between backends into
+    # bf16 rounding there turns the ~1e-4 accumulation-order differences between backends into
     # flipped FP8 codes in the re-quantization (one fp8 ulp is 6-12 %).
     rows_per_group = expected_rows_per_expert(t, k, num_experts)  # sets the GEMM tile
-    act, act_scales = stages.gemm1_act_quant(rows, row_scales, gemm1_weights, gemm1_weights_scale,
-                                             plan, activation_type, rows_per_group=rows_per_group)
-    y = stages.grouped_gemm(act, act_scales, gemm2_weights, gemm2_weights_scale, plan,
+    y = stages.expert_gemms(hidden_states, hidden_states_scale, plan, k, gemm1_weights,
+                            gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, activation_type,
                             rows_per_group=rows_per_group)
     out = stages.finalize(y, plan, topk_weights, do_finalize)
     if do_finalize:

@@ -240,21 +240,103 @@ def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activatio
     tile forced by $JAX_MOE_GEMM_TILE means split, unless $JAX_MOE_GEMM1 says otherwise."""
     g = weights.shape[0]
     rows_per_group = rows_per_group if rows_per_group is not None else rows.shape[0] / max(g, 1)
-    mode = os.environ.get(GEMM1_ENV, "auto")
-    if mode not in GEMM1_MODES:
-        raise ValueError(f"${GEMM1_ENV}: expected one of {GEMM1_MODES}, got {mode!r}")
-    if mode == "auto":
-        forced_tile = os.environ.get(TILE_ENV, "auto") != "auto"
-        fused = not forced_tile and gemm1_fused_for(rows_per_group, g)
-    else:
-        fused = mode.startswith("fused")
-    if fused and g <= OWN_GEMM_MAX_GROUPS:
-        block_m = {"fused128": 128, "fused64": 64}.get(mode, GEMM1_FUSED_BLOCK_M)
+    block_m = _gemm1_fused_block_m(rows_per_group, g)
+    if block_m:
         return gemm1_act_quant_raw(rows, row_scales, weights, weight_scales, p.expert_offsets,
                                    activation_type, block_m)
     h = grouped_gemm(rows, row_scales, weights, weight_scales, p, out_dtype=jnp.float32,
                      rows_per_group=rows_per_group)
     return act_quant(h, p, activation_type)
+
+
+def _gemm1_fused_block_m(rows_per_group, num_groups):
+    """The fused GEMM1's row tile if the pipeline's GEMM1 runs fused ($JAX_MOE_GEMM1, else
+    `gemm1_fused_for`), else 0 (split)."""
+    mode = os.environ.get(GEMM1_ENV, "auto")
+    if mode not in GEMM1_MODES:
+        raise ValueError(f"${GEMM1_ENV}: expected one of {GEMM1_MODES}, got {mode!r}")
+    if mode == "auto":
+        forced_tile = os.environ.get(TILE_ENV, "auto") != "auto"
+        fused = not forced_tile and gemm1_fused_for(rows_per_group, num_groups)
+    else:
+        fused = mode.startswith("fused")
+    if not fused or num_groups > OWN_GEMM_MAX_GROUPS:
+        return 0
+    return {"fused128": 128, "fused64": 64}.get(mode, GEMM1_FUSED_BLOCK_M)
+
+
+# --------------------------------------------------------------------------- stage + GEMM pairs
+# A stage and the own GEMM that consumes its output as one call: the GEMM is launched as the
+# stage kernel's programmatic dependent (PDL) and issues its first weight loads while the stage
+# still runs. XLA records every FFI call into its own CUDA graph node, so only kernels of one
+# call can overlap this way. Results equal the two stage calls in sequence.
+PAIRS_ENV = "JAX_MOE_STAGE_PAIRS"  # "auto" (default) or "off": always separate stage calls
+
+
+def permute_gemm(hidden_states, hidden_states_scale, p: Plan, top_k, weights, weight_scales,
+                 out_dtype=jnp.float32, block_m=64):
+    """`jax_moe_permute_gemm`: `permute`, then the own grouped GEMM (row tile `block_m`: 64 or
+    128) on its rows -> d [T*k, N] in out_dtype, equal to grouped_gemm_raw(*permute(...),
+    weights, weight_scales, p.expert_offsets, out_dtype, tile=f"own{block_m}")."""
+    t, h = hidden_states.shape
+    m = t * top_k
+    n = weights.shape[1]
+    d, _, _, _ = _ffi_call(
+        "jax_moe_permute_gemm",
+        (jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((m, h), FP8),
+         jax.ShapeDtypeStruct((m * h // BLOCK,), jnp.float32),
+         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS,), jnp.int32)),
+    )(hidden_states, hidden_states_scale, p.row_to_slot, p.expert_offsets, weights, weight_scales,
+      top_k=_i32(top_k), block_m=_i32(block_m))
+    return d
+
+
+def act_quant_gemm(g, p: Plan, activation_type, weights, weight_scales, out_dtype=jnp.bfloat16,
+                   block_m=64):
+    """`jax_moe_act_quant_gemm`: `act_quant` of GEMM1's output g, then the own grouped GEMM (row
+    tile `block_m`) on the result -> d [M, N] in out_dtype, equal to
+    grouped_gemm_raw(*act_quant(g, p, activation_type), weights, weight_scales,
+    p.expert_offsets, out_dtype, tile=f"own{block_m}")."""
+    m, n_in = g.shape
+    i = n_in // 2 if is_gated(activation_type) else n_in
+    n = weights.shape[1]
+    d, _, _, _ = _ffi_call(
+        "jax_moe_act_quant_gemm",
+        (jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((m, i), FP8),
+         jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32),
+         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS,), jnp.int32)),
+    )(g, p.expert_offsets, weights, weight_scales, activation=_i32(activation_type),
+      block_m=_i32(block_m))
+    return d
+
+
+_OWN_BLOCK_M = {GEMM_TILES["own64"]: 64, GEMM_TILES["own128"]: 128}
+
+
+def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weights,
+                 gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, activation_type,
+                 rows_per_group=None):
+    """The pipeline's steps 1-4: permute, GEMM1 + act_quant, GEMM2 -> bf16 [T*k, H]. Where both
+    GEMMs run the own kernel and GEMM1 runs split (decode: up to 16 rows per expert), as the two
+    pairs permute + GEMM1 and act_quant + GEMM2 (unless $JAX_MOE_STAGE_PAIRS=off); otherwise as
+    the separate stages."""
+    g = gemm1_weights.shape[0]
+    rows_per_group = (rows_per_group if rows_per_group is not None
+                      else hidden_states.shape[0] * top_k / max(g, 1))
+    pairs = os.environ.get(PAIRS_ENV, "auto")
+    if pairs not in ("auto", "off"):
+        raise ValueError(f"${PAIRS_ENV}: expected 'auto' or 'off', got {pairs!r}")
+    block_m = _OWN_BLOCK_M.get(_gemm_tile(None, rows_per_group, g))
+    if pairs == "auto" and block_m and not _gemm1_fused_block_m(rows_per_group, g):
+        h = permute_gemm(hidden_states, hidden_states_scale, p, top_k, gemm1_weights,
+                         gemm1_weights_scale, jnp.float32, block_m)
+        return act_quant_gemm(h, p, activation_type, gemm2_weights, gemm2_weights_scale,
+                              jnp.bfloat16, block_m)
+    rows, row_scales = permute(hidden_states, hidden_states_scale, p, top_k)
+    act, act_scales = gemm1_act_quant(rows, row_scales, gemm1_weights, gemm1_weights_scale, p,
+                                      activation_type, rows_per_group=rows_per_group)
+    return grouped_gemm(act, act_scales, gemm2_weights, gemm2_weights_scale, p,
+                        rows_per_group=rows_per_group)
 
 
 # --------------------------------------------------------------------------- finalize

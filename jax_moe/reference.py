@@ -172,6 +172,17 @@ def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activatio
     return act_quant(g, p, activation_type)
 
 
+def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weights, gemm1_weights_scale,
+                 gemm2_weights, gemm2_weights_scale, activation_type, rows_per_group=None):
+    """Steps 1-4 on the plan's rows: permute, GEMM1 + activation + re-quantization, GEMM2 ->
+    bf16 [rows, H] (the CUDA stages may run these as fewer calls)."""
+    rows, row_scales = permute(hidden_states, hidden_states_scale, p, top_k)
+    act, act_scales = gemm1_act_quant(rows, row_scales, gemm1_weights, gemm1_weights_scale, p,
+                                      activation_type, rows_per_group=rows_per_group)
+    return grouped_gemm(act, act_scales, gemm2_weights, gemm2_weights_scale, p,
+                        rows_per_group=rows_per_group)
+
+
 def finalize(y, p: Plan, topk_weights, do_finalize=True):
     """GEMM2 output rows [R, H] bf16 -> out bf16 [T, H] = sum_j w[t, j] * y[row(t, j)] in float32,
     or, with do_finalize=False, the unweighted expert outputs bf16 [T, k, H] (zeros if not local)."""

@@ -176,27 +176,32 @@ def test_deepseek_v3_expert_slice(deepseek_weights):
     check_close(cu, xl, "DeepSeek-V3 slice")
 
 
-@pytest.mark.parametrize("gemm1", ["split", "fused"])
+@pytest.mark.parametrize("gemm1", ["split", "fused", "pairs"])
 def test_no_dense_expert_math_on_gpu(monkeypatch, gemm1):
-    """The CUDA path runs every expert stage as our custom calls: no XLA dot in the HLO."""
-    monkeypatch.setenv(jax_moe.ops.GEMM1_ENV, gemm1)
-    jax.clear_caches()  # the variable is read when the op is traced
+    """The CUDA path runs every expert stage as our custom calls: no XLA dot in the HLO. At 8
+    rows per expert "auto" runs GEMM1 split, as the stage pairs permute + GEMM1 and act_quant +
+    GEMM2 unless they are turned off."""
+    monkeypatch.setenv(jax_moe.ops.GEMM1_ENV, "fused" if gemm1 == "fused" else "split")
+    monkeypatch.setenv(jax_moe.ops.PAIRS_ENV, "auto" if gemm1 == "pairs" else "off")
+    jax.clear_caches()  # the variables are read when the op is traced
     args = inputs(9, 64, 256, 128, 32)
     kw = dict(top_k=4, routing_method_type=R.Renormalize)
     hlo = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw)).lower(
         *args).compile().as_text()
-    targets = ["jax_moe_route", "jax_moe_plan", "jax_moe_permute", "jax_moe_grouped_gemm",
-               "jax_moe_finalize"]
-    targets += ["jax_moe_gemm1_act_quant"] if gemm1 == "fused" else ["jax_moe_act_quant"]
-    for target in targets:
-        assert target in hlo, target
-    assert (gemm1 == "fused") != ('"jax_moe_act_quant"' in hlo)
+    targets = {
+        "split": ["permute", "grouped_gemm", "act_quant"],
+        "fused": ["permute", "gemm1_act_quant", "grouped_gemm"],
+        "pairs": ["permute_gemm", "act_quant_gemm"],
+    }[gemm1]
+    called = {t.split('"')[0] for t in hlo.split('custom_call_target="jax_moe_')[1:]}
+    assert called == {"route", "plan", "finalize", *targets}, called
     assert " dot(" not in hlo and "cublas" not in hlo.lower() and "ragged" not in hlo
 
 
 CMD_BUFFER_SCRIPT = textwrap.dedent("""
     import sys, os
     os.environ["JAX_MOE_GEMM1"] = sys.argv[1]
+    os.environ["JAX_MOE_STAGE_PAIRS"] = sys.argv[2]
     import jax, jax.numpy as jnp, numpy as np, jax_moe
     from jax_moe.testing import random_moe_inputs
     kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
@@ -216,10 +221,11 @@ CMD_BUFFER_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("gemm1", ["split", "fused"])
+@pytest.mark.parametrize("gemm1", ["split", "fused", "pairs"])
 def test_cuda_graph_capture_and_replay(gemm1):
     """With command buffers on for custom calls, XLA records the whole pipeline (our seven
-    custom calls, six with GEMM1 and act_quant fused) into one CUDA graph and replays it with
+    custom calls, six with GEMM1 and act_quant fused, five as stage pairs, whose GEMMs are
+    programmatic dependents of the stage kernels) into one CUDA graph and replays it with
     correct results for new inputs. XLA's command-buffer conversion pass logs which thunks each
     command buffer holds."""
     env = dict(os.environ)
@@ -228,13 +234,14 @@ def test_cuda_graph_capture_and_replay(gemm1):
     env["TF_CPP_MIN_LOG_LEVEL"] = "0"
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process may hold most of the GPU
     env["TF_CPP_VMODULE"] = "command_buffer_conversion_pass=2,command_buffer_thunk=2"
-    r = subprocess.run([sys.executable, "-c", CMD_BUFFER_SCRIPT, gemm1], env=env, capture_output=True,
+    args = {"split": ["split", "off"], "fused": ["fused", "off"], "pairs": ["split", "auto"]}[gemm1]
+    r = subprocess.run([sys.executable, "-c", CMD_BUFFER_SCRIPT, *args], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     graphs = [l.split("thunks:", 1)[1] for l in r.stderr.splitlines()
               if "Creating command buffer thunk with the following thunks:" in l]
     captured = max((g.count("ffi_call") for g in graphs), default=0)
-    calls = 6 if gemm1 == "fused" else 7
+    calls = {"split": 7, "fused": 6, "pairs": 5}[gemm1]
     assert captured >= calls, f"no command buffer holds the {calls} jax_moe custom calls:\n" + "\n".join(graphs)
     assert "Executing warm up iteration of command buffer thunk" in r.stderr
     rel_line = [l for l in r.stdout.splitlines() if l.startswith("REPLAY_REL")]
@@ -268,3 +275,76 @@ def test_gemm1_fused_and_split_in_the_pipeline(monkeypatch, act, gemm1):
     cu = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))(*args)
     xl = _fn(False, "xla", **kw)(*args)
     check_close(cu, xl, f"{act.name} {gemm1}")
+
+
+@pytest.mark.parametrize("t, e, e_loc, offset, k", [
+    (1, 256, 256, 0, 8), (7, 64, 8, 56, 8), (64, 256, 32, 64, 8), (300, 24, 16, 8, 4)])
+def test_stage_pairs_equal_separate_stages(monkeypatch, t, e, e_loc, offset, k):
+    """The op with the stage pairs (permute + GEMM1, act_quant + GEMM2 in one call each, the
+    GEMMs launched with PDL) gives the same bits as with separate stage calls: the same kernels
+    run, only their launch overlaps. At 300 x 4 / 24 = 50 rows per expert GEMM1 is forced split."""
+    monkeypatch.setenv(jax_moe.ops.GEMM1_ENV, "split")
+    args = inputs(60 + t, t, 512, 256, e, e_loc=e_loc)
+    kw = dict(top_k=k, routing_method_type=R.Renormalize, local_expert_offset=offset)
+    out = {}
+    for pairs in ("auto", "off"):
+        monkeypatch.setenv(jax_moe.ops.PAIRS_ENV, pairs)
+        jax.clear_caches()
+        out[pairs] = np.asarray(jax.jit(functools.partial(
+            jax_moe.fp8_block_scale_moe, backend="cuda", **kw))(*args)).view(np.uint16)
+    assert np.array_equal(out["auto"], out["off"])
+    xl = _fn(False, "xla", **kw)(*args)
+    check_close(jnp.asarray(out["auto"].view(jnp.bfloat16)), xl, f"T={t}")
+
+
+def _pair_operands(seed, t, k, e_loc, h, n, empty_every=3):
+    """A plan of T tokens x k slots over e_loc experts (every `empty_every`-th expert empty,
+    some slots not local), fp8 hidden states and GEMM weights [e_loc, n, h]."""
+    from jax_moe import ops, quant
+    from jax_moe.testing import random_expert_weights
+    rng = np.random.default_rng(seed)
+    used = [x for x in range(e_loc) if x % empty_every]
+    ids = rng.choice(used + [-1, e_loc + 2], (t, k)).astype(np.int32)
+    p = ops.plan(jnp.asarray(ids), e_loc)
+    hq, hs = quant.quantize_activations(jax.random.normal(jax.random.PRNGKey(seed), (t, h)))
+    w, ws = random_expert_weights(jax.random.PRNGKey(seed + 1), e_loc, n, h)
+    return p, hq, hs, w, ws
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("t, k, e_loc", [(1, 8, 256), (33, 4, 8), (200, 6, 32)])
+def test_permute_gemm_equals_permute_then_gemm(block_m, out_dtype, t, k, e_loc):
+    """jax_moe_permute_gemm = jax_moe_permute followed by the own grouped GEMM, bit for bit,
+    on the rows below offsets[E] (the rest is never written)."""
+    from jax_moe import ops
+    p, hq, hs, w, ws = _pair_operands(t + k, t, k, e_loc, 384, 256)
+    d = jax.jit(ops.permute_gemm, static_argnums=(3, 6, 7))(hq, hs, p, k, w, ws, out_dtype, block_m)
+    rows, row_scales = ops.permute(hq, hs, p, k)
+    ref = ops.grouped_gemm_raw(rows, row_scales, w, ws, p.expert_offsets, out_dtype, tile=f"own{block_m}")
+    m = int(p.expert_offsets[-1])
+    assert m > 0
+    got, want = np.asarray(d[:m]), np.asarray(ref[:m])
+    assert np.all(np.isfinite(want.astype(np.float32))) and np.any(want != 0)
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("act", [A.Swiglu, A.Geglu, A.Relu2, A.Identity], ids=lambda a: a.name)
+@pytest.mark.parametrize("t, k, e_loc", [(1, 8, 256), (150, 4, 16)])
+def test_act_quant_gemm_equals_act_quant_then_gemm(block_m, act, t, k, e_loc):
+    """jax_moe_act_quant_gemm = jax_moe_act_quant followed by the own grouped GEMM (bf16 out),
+    bit for bit, on the rows below offsets[E]."""
+    from jax_moe import ops
+    from jax_moe.enums import is_gated
+    i, n = 256, 384
+    p, _, _, w, ws = _pair_operands(2 * t + k, t, k, e_loc, i, n)
+    g = jax.random.normal(jax.random.PRNGKey(t), (t * k, 2 * i if is_gated(act) else i), jnp.float32)
+    d = jax.jit(ops.act_quant_gemm, static_argnums=(2, 5, 6))(g, p, act, w, ws, jnp.bfloat16, block_m)
+    q, q_scales = ops.act_quant(g, p, act)
+    ref = ops.grouped_gemm_raw(q, q_scales, w, ws, p.expert_offsets, jnp.bfloat16, tile=f"own{block_m}")
+    m = int(p.expert_offsets[-1])
+    assert m > 0
+    got, want = np.asarray(d[:m]), np.asarray(ref[:m])
+    assert np.all(np.isfinite(want.astype(np.float32))) and np.any(want != 0)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))

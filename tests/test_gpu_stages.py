@@ -268,7 +268,7 @@ def test_plan_permute(t, e_loc, dist):
 
 @pytest.mark.parametrize("t,k,e_loc,h", [(128, 8, 256, 7168), (1000, 6, 32, 2048),
                                          (333, 1, 8, 384), (32768, 8, 256, 128),
-                                         (16384, 8, 512, 128)])
+                                         (16384, 8, 512, 128), (512, 8, 512, 128)])
 def test_plan_permute_shapes(t, k, e_loc, h):
     rng = np.random.default_rng(t + k + e_loc + h)
     ids = _plan_ids(rng, t, k, e_loc, "mixed")

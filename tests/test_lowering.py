@@ -60,8 +60,10 @@ def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
 
 
 def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
-    """GEMM1's and GEMM2's configs in the lowered CUDA pipeline: a tile name, or "fused<block_m>"
-    for GEMM1 with act_quant in its epilogue (jax_moe_gemm1_act_quant)."""
+    """GEMM1's and GEMM2's configs in the lowered CUDA pipeline: a tile name, "fused<block_m>"
+    for GEMM1 with act_quant in its epilogue (jax_moe_gemm1_act_quant), or "pair<block_m>" for an
+    own-kernel GEMM in one call with the stage before it (jax_moe_permute_gemm,
+    jax_moe_act_quant_gemm)."""
     monkeypatch.setattr(_native, "register_targets", lambda: None)
     h, i, k = 256, 128, 8
     rng = np.random.default_rng(0)
@@ -79,14 +81,16 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
     for line in text.splitlines():
         if "@jax_moe_gemm1_act_quant" in line:
             gemms.append("fused" + line.split("block_m = ")[1].split(" ")[0])
+        elif "@jax_moe_permute_gemm" in line or "@jax_moe_act_quant_gemm" in line:
+            gemms.append("pair" + line.split("block_m = ")[1].split(" ")[0])
         elif "@jax_moe_grouped_gemm" in line and "tile = " in line:
             gemms.append(names[int(line.split("tile = ")[1].split(" ")[0])])
     return gemms
 
 
 @pytest.mark.parametrize("t, e, e_loc, gemm1, gemm2", [
-    (1, 256, 256, "own64", "own64"), (16, 256, 256, "own64", "own64"),      # <= 16 rows
-    (512, 256, 32, "own64", "own64"),
+    (1, 256, 256, "pair64", "pair64"), (16, 256, 256, "pair64", "pair64"),  # <= 16 rows
+    (512, 256, 32, "pair64", "pair64"),
     (544, 256, 32, "fused64", "own64"), (1024, 256, 32, "fused64", "own64"),  # 17, 32 rows
     (2048, 256, 256, "fused64", "own64"), (2080, 256, 32, "128", "128"),    # 64, 65 rows
     (4096, 256, 32, "128", "128"),                                           # 128 rows
@@ -94,16 +98,20 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
 def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc, gemm1, gemm2):
     """rows per local expert = T*k/E (not T*k/E_loc: a local slice receives ~E_loc/E of the
     rows) sets GEMM2's tile (jax_moe.ops.gemm_tile_for) and whether GEMM1 runs fused with
-    act_quant (jax_moe.ops.gemm1_fused_for) or split with the same tile as GEMM2."""
+    act_quant (jax_moe.ops.gemm1_fused_for) or split with the same tile as GEMM2 -- with the own
+    kernel as the stage pairs permute + GEMM1, act_quant + GEMM2."""
     monkeypatch.delenv(ops.TILE_ENV, raising=False)
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
+    monkeypatch.delenv(ops.PAIRS_ENV, raising=False)
     assert _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc) == [gemm1, gemm2]
 
 
 def test_pipeline_env_overrides(monkeypatch):
     """$JAX_MOE_GEMM_TILE forces both GEMMs' tile (GEMM1 then runs split); $JAX_MOE_GEMM1
-    forces GEMM1 fused or split."""
+    forces GEMM1 fused or split; $JAX_MOE_STAGE_PAIRS=off keeps split own-kernel GEMMs in
+    separate calls."""
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
+    monkeypatch.delenv(ops.PAIRS_ENV, raising=False)
     monkeypatch.setenv(ops.TILE_ENV, "64")
     assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["64", "64"]
     monkeypatch.setenv(ops.GEMM1_ENV, "fused")
@@ -115,7 +123,17 @@ def test_pipeline_env_overrides(monkeypatch):
     monkeypatch.setenv(ops.GEMM1_ENV, "fused64")
     assert _gemm_tiles_of_the_op(monkeypatch, 4096, 256, 256) == ["fused64", "128"]
     monkeypatch.setenv(ops.GEMM1_ENV, "split")
-    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["own64", "own64"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["pair64", "pair64"]
+    monkeypatch.setenv(ops.TILE_ENV, "own128")
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["pair128", "pair128"]
+    monkeypatch.setenv(ops.PAIRS_ENV, "off")
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["own128", "own128"]
+    monkeypatch.delenv(ops.TILE_ENV)
+    assert _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256) == ["own64", "own64"]
+    monkeypatch.setenv(ops.PAIRS_ENV, "on")
+    with pytest.raises(ValueError, match="JAX_MOE_STAGE_PAIRS.*got 'on'"):
+        _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256)
+    monkeypatch.setenv(ops.PAIRS_ENV, "auto")
     monkeypatch.setenv(ops.GEMM1_ENV, "both")
     with pytest.raises(ValueError, match="JAX_MOE_GEMM1.*got 'both'"):
         _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256)

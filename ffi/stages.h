@@ -1,0 +1,25 @@
+// Stage launches shared between FFI targets: the permute and act_quant stages (checks + kernel
+// launch, exactly what their own targets run) for the targets that chain one of them with the
+// own GEMM in a single call (blockwise_gemm_sm90.cu: "jax_moe_permute_gemm",
+// "jax_moe_act_quant_gemm"). Their kernels call GridDependencyTrigger() first, so a GEMM
+// launched after them with PDL starts loading its weights while they run.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "ffi_common.h"
+
+namespace jax_moe {
+
+// jax_moe_permute: hidden fp8 [T, H], hidden_scale f32 [H/128, T], row_to_slot int32 [T*k],
+// offsets int32 [E + 1] -> rows fp8 [T*k, H], row_scales f32 [T*k*H/128] (grouped MN-major).
+ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
+                        const ffi::Buffer<ffi::S32>& row_to_slot, const ffi::Buffer<ffi::S32>& offsets,
+                        ffi::AnyBuffer& rows, ffi::Buffer<ffi::F32>& row_scales, int32_t top_k);
+
+// jax_moe_act_quant: g f32|bf16 [M, 2I] (gated) or [M, I], offsets int32 [G + 1] -> q fp8 [M, I],
+// scales f32 [M*I/128] (grouped MN-major).
+ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi::Buffer<ffi::S32>& offsets,
+                         ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation);
+
+}  // namespace jax_moe
