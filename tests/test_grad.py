@@ -518,7 +518,8 @@ def test_vmap_forward_and_grads(monkeypatch, request):
                 lambda v: _no_vmap(v) if isinstance(v, jax.Array) else v, fn(*args, **kwargs))
         return stage
 
-    names = ("route", "plan", "permute", "grouped_gemm", "gemm1_act_quant", "act_quant", "finalize")
+    names = ("route", "plan", "permute", "grouped_gemm", "gemm1_act_quant", "act_quant", "expert_gemms",
+             "finalize")
     fake = types.SimpleNamespace(**{n: unbatchable(getattr(jax_moe.reference, n)) for n in names})
     monkeypatch.setattr(jax_moe.api, "ops", fake)
     monkeypatch.setattr(jax_moe.api, "_use_cuda", lambda backend: True)
