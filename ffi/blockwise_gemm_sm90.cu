@@ -653,6 +653,13 @@ bool EncodeMap(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The own kernel's row tile attribute: 128 (128 x 128 tiles) or 64 (64 x 256).
+ffi::Error CheckBlockM(const char* op, int32_t block_m) {
+  if (block_m != 128 && block_m != 64)
+    return InvalidArgument(std::string(op) + ": block_m: expected 128 or 64, got " + std::to_string(block_m));
+  return ffi::Error::Success();
+}
+
 template <int BM, class OutT, int EPI>
 cudaError_t Launch(cudaStream_t stream, bool pdl, int g, int m, int n, int k, const void* a, const float* a_scale,
                    const void* b, const float* b_scale, const int32_t* offsets, void* d, float* d_scale,
@@ -691,8 +698,7 @@ ffi::Error Gemm1ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<
   if (!IsSupportedActivation(activation))
     return InvalidArgument(std::string(op) + ": activation: expected Swiglu (3), Geglu (4), Relu2 (6) or Identity (9), got " +
                            std::to_string(activation));
-  if (block_m != 128 && block_m != 64)
-    return InvalidArgument(std::string(op) + ": block_m: expected 128 or 64, got " + std::to_string(block_m));
+  JAX_MOE_RETURN_IF_ERROR(CheckBlockM(op, block_m));
   const bool gated = IsGatedActivation(activation);
   GemmShape sh;
   JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
@@ -740,6 +746,13 @@ ffi::Error CheckGemmOperands(const char* op, const ffi::AnyBuffer& a, const ffi:
     return InvalidArgument(o + ": sizes exceed the 32-bit range of the kernel");
   *shape = GemmShape{m, n, k, g};
   return ffi::Error::Success();
+}
+
+ffi::Error CheckGemmOutput(const char* op, const ffi::AnyBuffer& d, const GemmShape& shape, bool* f32_out) {
+  *f32_out = d.element_type() == ffi::DataType::F32;
+  if (!*f32_out && d.element_type() != ffi::DataType::BF16)
+    return InvalidArgument(std::string(op) + ": d: output dtype must be bfloat16 or float32");
+  return CheckShape(d, (std::string(op) + ": d").c_str(), {shape.m, shape.n});
 }
 
 ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_list<const void*> tma_buffers) {
@@ -790,14 +803,11 @@ ffi::Error StageThenGemm(const char* op, cudaStream_t stream, Stage stage, const
                          const ffi::Buffer<ffi::F32>& a_scale, const ffi::AnyBuffer& b,
                          const ffi::Buffer<ffi::F32>& b_scale, const ffi::Buffer<ffi::S32>& offsets,
                          ffi::AnyBuffer& d, ffi::Buffer<ffi::S32>& workspace, int32_t block_m) {
-  if (block_m != 128 && block_m != 64)
-    return InvalidArgument(std::string(op) + ": block_m: expected 128 or 64, got " + std::to_string(block_m));
+  JAX_MOE_RETURN_IF_ERROR(CheckBlockM(op, block_m));
   GemmShape sh;
   JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
-  const bool f32_out = d.element_type() == ffi::DataType::F32;
-  if (!f32_out && d.element_type() != ffi::DataType::BF16)
-    return InvalidArgument(std::string(op) + ": d: output dtype must be bfloat16 or float32");
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(d, (std::string(op) + ": d").c_str(), {sh.m, sh.n}));
+  bool f32_out = false;
+  JAX_MOE_RETURN_IF_ERROR(CheckGemmOutput(op, d, sh, &f32_out));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(workspace, (std::string(op) + ": workspace").c_str(), {kOwnGemmWorkspaceInts}));
   JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, sh.g, {a.untyped_data(), b.untyped_data(), d.untyped_data()}));
   cudaError_t err = cudaMemsetAsync(workspace.typed_data(), 0, sizeof(int), stream);

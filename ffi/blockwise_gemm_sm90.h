@@ -27,6 +27,9 @@ ffi::Error CheckGemmOperands(const char* op, const ffi::AnyBuffer& a, const ffi:
                              const ffi::AnyBuffer& b, const ffi::Buffer<ffi::F32>& b_scale,
                              const ffi::Buffer<ffi::S32>& offsets, GemmShape* shape);
 
+// d, the GEMM's output: bfloat16 or float32 (*f32_out says which) of shape [M, N].
+ffi::Error CheckGemmOutput(const char* op, const ffi::AnyBuffer& d, const GemmShape& shape, bool* f32_out);
+
 // What the own kernel needs beyond that: at most kOwnGemmMaxGroups groups, 16-byte aligned
 // buffers for TMA.
 ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_list<const void*> tma_buffers);

@@ -393,10 +393,8 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
   GemmShape sh;
   JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
   const int64_t m = sh.m, n = sh.n, k = sh.k, g = sh.g;
-  const bool f32_out = d->element_type() == ffi::DataType::F32;
-  if (!f32_out && d->element_type() != ffi::DataType::BF16)
-    return InvalidArgument(std::string(op) + ": d: output dtype must be bfloat16 or float32");
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*d, "jax_moe_grouped_gemm: d", {m, n}));
+  bool f32_out = false;
+  JAX_MOE_RETURN_IF_ERROR(CheckGemmOutput(op, *d, sh, &f32_out));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*workspace, "jax_moe_grouped_gemm: workspace", {-1}));
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
 

@@ -3,6 +3,11 @@
 separate a per-call fixed cost (the intercept) from the streaming rate (the slope). Every call
 reads other weights than the last (up to 4 sets), so the L2 does not hold them.
 
+Caveat (RESULTS.md, eleventh session): `device_time` of single GEMM calls back to back is
+host-bound below ~100 us per call on these hosts, so the small-group points (and the intercept
+fitted through them) overstate the kernel's cost; tools/kernel_times.py's CUPTI records give
+the kernel's own duration (GEMM1 8 groups x 1 row: 84 us, ~6-7 us above the streaming rate).
+
     python tools/gemm_fixed_cost.py
 """
 import jax
