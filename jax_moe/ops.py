@@ -273,22 +273,28 @@ def _gemm1_fused_block_m(rows_per_group, num_groups):
 PAIRS_ENV = "JAX_MOE_STAGE_PAIRS"  # "auto" (default) or "off": always separate stage calls
 
 
+def _stage_gemm_call(target, m, n, out_dtype, stage_cols, *operands, **attrs):
+    """A stage + own GEMM pair call: d [m, n] in out_dtype, with the stage's fp8 [m, stage_cols]
+    output, its scales and the GEMM's tile counter as workspace outputs. Returns d."""
+    d, _, _, _ = _ffi_call(
+        target,
+        (jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((m, stage_cols), FP8),
+         jax.ShapeDtypeStruct((m * stage_cols // BLOCK,), jnp.float32),
+         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS,), jnp.int32)),
+    )(*operands, **attrs)
+    return d
+
+
 def permute_gemm(hidden_states, hidden_states_scale, p: Plan, top_k, weights, weight_scales,
                  out_dtype=jnp.float32, block_m=64):
     """`jax_moe_permute_gemm`: `permute`, then the own grouped GEMM (row tile `block_m`: 64 or
     128) on its rows -> d [T*k, N] in out_dtype, equal to grouped_gemm_raw(*permute(...),
     weights, weight_scales, p.expert_offsets, out_dtype, tile=f"own{block_m}")."""
     t, h = hidden_states.shape
-    m = t * top_k
-    n = weights.shape[1]
-    d, _, _, _ = _ffi_call(
-        "jax_moe_permute_gemm",
-        (jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((m, h), FP8),
-         jax.ShapeDtypeStruct((m * h // BLOCK,), jnp.float32),
-         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS,), jnp.int32)),
-    )(hidden_states, hidden_states_scale, p.row_to_slot, p.expert_offsets, weights, weight_scales,
-      top_k=_i32(top_k), block_m=_i32(block_m))
-    return d
+    return _stage_gemm_call(
+        "jax_moe_permute_gemm", t * top_k, weights.shape[1], out_dtype, h, hidden_states,
+        hidden_states_scale, p.row_to_slot, p.expert_offsets, weights, weight_scales,
+        top_k=_i32(top_k), block_m=_i32(block_m))
 
 
 def act_quant_gemm(g, p: Plan, activation_type, weights, weight_scales, out_dtype=jnp.bfloat16,
@@ -299,15 +305,9 @@ def act_quant_gemm(g, p: Plan, activation_type, weights, weight_scales, out_dtyp
     p.expert_offsets, out_dtype, tile=f"own{block_m}")."""
     m, n_in = g.shape
     i = n_in // 2 if is_gated(activation_type) else n_in
-    n = weights.shape[1]
-    d, _, _, _ = _ffi_call(
-        "jax_moe_act_quant_gemm",
-        (jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((m, i), FP8),
-         jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32),
-         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS,), jnp.int32)),
-    )(g, p.expert_offsets, weights, weight_scales, activation=_i32(activation_type),
-      block_m=_i32(block_m))
-    return d
+    return _stage_gemm_call(
+        "jax_moe_act_quant_gemm", m, weights.shape[1], out_dtype, i, g, p.expert_offsets,
+        weights, weight_scales, activation=_i32(activation_type), block_m=_i32(block_m))
 
 
 _OWN_BLOCK_M = {GEMM_TILES["own64"]: 64, GEMM_TILES["own128"]: 128}
