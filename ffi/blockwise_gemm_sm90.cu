@@ -718,7 +718,7 @@ ffi::Error Gemm1ActQuantImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<
   cudaError_t err = launch(stream, false, int(sh.g), int(sh.m), int(sh.n), int(sh.k), a.untyped_data(), a_scale.typed_data(),
                            b.untyped_data(), b_scale.typed_data(), offsets.typed_data(), q->untyped_data(),
                            q_scale->typed_data(), activation, workspace->typed_data(), &what);
-  if (err != cudaSuccess) return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess) return CudaError(err, op, what);
   return ffi::Error::Success();
 }
 
@@ -818,8 +818,7 @@ ffi::Error StageThenGemm(const char* op, cudaStream_t stream, Stage stage, const
   err = LaunchOwnGroupedGemm(stream, true, block_m, f32_out, int(sh.g), int(sh.m), int(sh.n), int(sh.k),
                              a.untyped_data(), a_scale.typed_data(), b.untyped_data(), b_scale.typed_data(),
                              offsets.typed_data(), d.untyped_data(), workspace.typed_data(), &what);
-  if (err != cudaSuccess)
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess) return CudaError(err, op, what);
   return ffi::Error::Success();
 }
 

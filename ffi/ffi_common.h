@@ -27,6 +27,11 @@ inline ffi::Error CudaError(cudaError_t err, const char* what) {
                     std::string("jax_moe: ") + what + ": " + cudaGetErrorString(err));
 }
 
+// The same for a step of target `op`: "<op>: <what>: <CUDA error>".
+inline ffi::Error CudaError(cudaError_t err, const std::string& op, const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInternal, op + ": " + what + ": " + cudaGetErrorString(err));
+}
+
 // Checks the last launch; returns from the handler with an ffi::Error on failure.
 #define JAX_MOE_CHECK_LAUNCH(what)                          \
   do {                                                      \

@@ -405,9 +405,7 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                                            int(k), a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
                                            b_scale.typed_data(), offsets.typed_data(), d->untyped_data(),
                                            reinterpret_cast<int*>(workspace->typed_data()), &what);
-    if (err != cudaSuccess)
-      return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + " (own kernel): " + what + ": " +
-                                                       cudaGetErrorString(err));
+    if (err != cudaSuccess) return CudaError(err, std::string(op) + " (own kernel)", what);
     return ffi::Error::Success();
   }
 
