@@ -39,8 +39,10 @@ template <int ACT, class T>
 __global__ void __launch_bounds__(kThreads)
     ActQuantKernel(const T* __restrict__ g, const int32_t* __restrict__ offsets,
                    int num_groups, int64_t num_rows, int64_t inter,
-                   __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scales) {
+                   __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scales,
+                   int32_t* __restrict__ zero_counter) {
   GridDependencyTrigger();  // a GEMM launched after this one with PDL may start (stages.h)
+  if (zero_counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_counter = 0;
   extern __shared__ int offs[];  // [G + 1]
   for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) offs[i] = offsets[i];
   __syncthreads();
@@ -123,24 +125,24 @@ __global__ void __launch_bounds__(kThreads)
 template <class T>
 void LaunchActQuant(cudaStream_t stream, unsigned grid, size_t smem, int32_t activation,
                     const void* g, const int32_t* offsets, int num_groups, int64_t m,
-                    int64_t inter, __nv_fp8_storage_t* q, float* scales) {
+                    int64_t inter, __nv_fp8_storage_t* q, float* scales, int32_t* zero_counter) {
   auto* gp = static_cast<const T*>(g);
   switch (activation) {
     case kSwiglu:
       ActQuantKernel<kSwiglu, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
-                                                                   inter, q, scales);
+                                                                   inter, q, scales, zero_counter);
       break;
     case kGeglu:
       ActQuantKernel<kGeglu, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
-                                                                  inter, q, scales);
+                                                                  inter, q, scales, zero_counter);
       break;
     case kRelu2:
       ActQuantKernel<kRelu2, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
-                                                                  inter, q, scales);
+                                                                  inter, q, scales, zero_counter);
       break;
     default:
       ActQuantKernel<kIdentity, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
-                                                                     inter, q, scales);
+                                                                     inter, q, scales, zero_counter);
       break;
   }
 }
@@ -148,7 +150,8 @@ void LaunchActQuant(cudaStream_t stream, unsigned grid, size_t smem, int32_t act
 }  // namespace
 
 ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi::Buffer<ffi::S32>& offsets,
-                         ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation) {
+                         ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation,
+                         int32_t* zero_counter) {
   const bool gated = IsGatedActivation(activation);
   if (!IsSupportedActivation(activation)) {
     return InvalidArgument("jax_moe_act_quant: activation: expected Swiglu (3), Geglu (4), "
@@ -179,12 +182,13 @@ ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi
   JAX_MOE_RETURN_IF_ERROR(CheckShape(scales, "act_quant scales (output)", {m * inter / 128}));
   if (m == 0 || inter == 0) return ffi::Error::Success();
 
-  const unsigned grid = GridStrideBlocks(m * (inter / 128), kUnitsPerBlock);  // (row, block) units
+  // (row, block) units; one wave (48 registers x 256 threads: 5 blocks fit on an SM)
+  const unsigned grid = GridStrideBlocks(m * (inter / 128), kUnitsPerBlock, 5);
   const size_t smem = (num_groups + 1) * sizeof(int);
   auto* qp = static_cast<__nv_fp8_storage_t*>(q.untyped_data());
   auto launch = g_type == ffi::DataType::F32 ? LaunchActQuant<float> : LaunchActQuant<__nv_bfloat16>;
   launch(stream, grid, smem, activation, g.untyped_data(), offsets.typed_data(), num_groups, m,
-         inter, qp, scales.typed_data());
+         inter, qp, scales.typed_data(), zero_counter);
   JAX_MOE_CHECK_LAUNCH("jax_moe_act_quant kernel launch");
   return ffi::Error::Success();
 }

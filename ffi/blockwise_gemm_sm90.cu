@@ -796,8 +796,9 @@ JAX_MOE_REGISTER_TARGET("jax_moe_gemm1_act_quant", Gemm1ActQuantHandler);
 // records each call into its own CUDA graph node). Same results as the two targets in sequence.
 namespace {
 
-// The GEMM half of both pair targets: checks (a and a_scale are the stage's outputs), zeroes the
-// tile counter, runs `stage`, launches the GEMM as its programmatic dependent.
+// The GEMM half of both pair targets: checks (a and a_scale are the stage's outputs), runs
+// `stage(counter)`, whose kernel zeroes the GEMM's tile counter (stages.h), and launches the
+// GEMM as its programmatic dependent.
 template <class Stage>
 ffi::Error StageThenGemm(const char* op, cudaStream_t stream, Stage stage, const ffi::AnyBuffer& a,
                          const ffi::Buffer<ffi::F32>& a_scale, const ffi::AnyBuffer& b,
@@ -810,12 +811,10 @@ ffi::Error StageThenGemm(const char* op, cudaStream_t stream, Stage stage, const
   JAX_MOE_RETURN_IF_ERROR(CheckGemmOutput(op, d, sh, &f32_out));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(workspace, (std::string(op) + ": workspace").c_str(), {kOwnGemmWorkspaceInts}));
   JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, sh.g, {a.untyped_data(), b.untyped_data(), d.untyped_data()}));
-  cudaError_t err = cudaMemsetAsync(workspace.typed_data(), 0, sizeof(int), stream);
-  if (err != cudaSuccess) return CudaError(err, "tile counter memset");
-  JAX_MOE_RETURN_IF_ERROR(stage());
-  if (sh.m == 0 || sh.n == 0) return ffi::Error::Success();
+  JAX_MOE_RETURN_IF_ERROR(stage(workspace.typed_data()));
+  if (sh.m == 0 || sh.n == 0) return ffi::Error::Success();  // else the stage's kernel ran (M, K > 0)
   const char* what = "";
-  err = LaunchOwnGroupedGemm(stream, true, block_m, f32_out, int(sh.g), int(sh.m), int(sh.n), int(sh.k),
+  cudaError_t err = LaunchOwnGroupedGemm(stream, true, block_m, f32_out, int(sh.g), int(sh.m), int(sh.n), int(sh.k),
                              a.untyped_data(), a_scale.typed_data(), b.untyped_data(), b_scale.typed_data(),
                              offsets.typed_data(), d.untyped_data(), workspace.typed_data(), &what);
   if (err != cudaSuccess) return CudaError(err, op, what);
@@ -827,7 +826,9 @@ ffi::Error PermuteGemmImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buff
                            ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> d,
                            ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::F32>> row_scales,
                            ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t top_k, int32_t block_m) {
-  auto stage = [&] { return PermuteStage(stream, hidden, hidden_scale, row_to_slot, offsets, *rows, *row_scales, top_k); };
+  auto stage = [&](int32_t* counter) {
+    return PermuteStage(stream, hidden, hidden_scale, row_to_slot, offsets, *rows, *row_scales, top_k, counter);
+  };
   return StageThenGemm("jax_moe_permute_gemm", stream, stage, *rows, *row_scales, b, b_scale, offsets, *d, *workspace,
                        block_m);
 }
@@ -836,7 +837,9 @@ ffi::Error ActQuantGemmImpl(cudaStream_t stream, ffi::AnyBuffer h, ffi::Buffer<f
                             ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> d,
                             ffi::Result<ffi::AnyBuffer> act, ffi::Result<ffi::Buffer<ffi::F32>> act_scales,
                             ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t activation, int32_t block_m) {
-  auto stage = [&] { return ActQuantStage(stream, h, offsets, *act, *act_scales, activation); };
+  auto stage = [&](int32_t* counter) {
+    return ActQuantStage(stream, h, offsets, *act, *act_scales, activation, counter);
+  };
   return StageThenGemm("jax_moe_act_quant_gemm", stream, stage, *act, *act_scales, b, b_scale, offsets, *d,
                        *workspace, block_m);
 }

@@ -106,11 +106,14 @@ inline int NumSms() {
   return cached[dev];
 }
 
-// Grid of a grid-stride kernel: enough blocks for `items` at `items_per_block` each, at most 16
-// per SM (the blocks loop over the rest).
-inline unsigned GridStrideBlocks(int64_t items, int64_t items_per_block) {
+// Grid of a grid-stride kernel: enough blocks for `items` at `items_per_block` each, at most
+// `blocks_per_sm` per SM (the blocks loop over the rest). A cap no larger than what fits on an SM
+// at once makes the grid one wave: a kernel whose real work (rows below expert_offsets[E], read
+// on the device) is a small part of its grid then does not spend waves on blocks with nothing to
+// do, and its PDL dependent (which starts once every block has started) is not held back.
+inline unsigned GridStrideBlocks(int64_t items, int64_t items_per_block, int blocks_per_sm = 16) {
   const int64_t needed = (items + items_per_block - 1) / items_per_block;
-  const int64_t cap = static_cast<int64_t>(NumSms()) * 16;
+  const int64_t cap = static_cast<int64_t>(NumSms()) * blocks_per_sm;
   return static_cast<unsigned>(needed < cap ? needed : cap);
 }
 

@@ -22,29 +22,69 @@ __device__ __forceinline__ uint4 Pack8(const float* f) {
   return v;
 }
 
-// One thread per (token, 8-column vector). W: float or __nv_bfloat16 (widened exactly).
+// A block per (token, kReduceThreads 8-column vectors); W: float or __nv_bfloat16 (widened
+// exactly). Warp 0 loads the token's k row indices and weights at once and lists the local slots
+// in slot order in shared memory; then each thread sums its vector over that list, kLoadBatch
+// row loads in flight at a time. So a thread waits for about two dependent loads however many
+// slots are not local (expert-parallel slices: most of them), where a loop over the slots
+// waited for each slot's row index in turn.
+constexpr int kReduceThreads = 128;
+constexpr int kLoadBatch = 4;
+
+__device__ __forceinline__ unsigned LaneMaskLt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
 template <class W>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kReduceThreads)
     FinalizeReduceKernel(const uint4* __restrict__ y, const int32_t* __restrict__ slot_to_row,
-                         const W* __restrict__ w, int64_t num_tokens, int top_k,
-                         int64_t num_rows, int64_t vecs_per_row, uint4* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= num_tokens * vecs_per_row) return;
-  const int64_t t = i / vecs_per_row;
-  const int64_t v = i % vecs_per_row;
+                         const W* __restrict__ w, int top_k, int64_t num_rows,
+                         int64_t vecs_per_row, int64_t blocks_per_token, uint4* __restrict__ out) {
+  extern __shared__ int2 local[];  // [top_k]: (row, weight bits) of the local slots, slot order
+  __shared__ int num_local;
+  const int64_t t = blockIdx.x / blocks_per_token;
+  const int64_t v = (blockIdx.x % blocks_per_token) * kReduceThreads + threadIdx.x;
+  if (threadIdx.x < 32) {
+    int count = 0;
+    for (int j0 = 0; j0 < top_k; j0 += 32) {  // uniform across the warp
+      const int j = j0 + static_cast<int>(threadIdx.x);
+      int32_t row = -1;
+      float wt = 0.0f;
+      if (j < top_k) {
+        row = slot_to_row[t * top_k + j];
+        wt = ToFloat(w[t * top_k + j]);
+        if (row >= num_rows) row = -1;
+      }
+      const unsigned is_local = __ballot_sync(0xffffffffu, row >= 0);
+      if (row >= 0) local[count + __popc(is_local & LaneMaskLt())] = make_int2(row, __float_as_int(wt));
+      count += __popc(is_local);
+    }
+    if (threadIdx.x == 0) num_local = count;
+  }
+  __syncthreads();
+  if (v >= vecs_per_row) return;
+  const int n = num_local;
   float acc[8];
 #pragma unroll
   for (int c = 0; c < 8; ++c) acc[c] = 0.0f;
-  for (int j = 0; j < top_k; ++j) {
-    const int32_t row = slot_to_row[t * top_k + j];
-    if (row < 0 || row >= num_rows) continue;
-    const float wt = ToFloat(w[t * top_k + j]);
-    float x[8];
-    UnpackBf16x8(y[row * vecs_per_row + v], x);
+  for (int j0 = 0; j0 < n; j0 += kLoadBatch) {
+    uint4 yv[kLoadBatch];
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(wt, x[c]));
+    for (int j = 0; j < kLoadBatch; ++j)
+      if (j0 + j < n) yv[j] = y[static_cast<int64_t>(local[j0 + j].x) * vecs_per_row + v];
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      if (j0 + j >= n) break;
+      const float wt = __int_as_float(local[j0 + j].y);
+      float x[8];
+      UnpackBf16x8(yv[j], x);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(wt, x[c]));
+    }
   }
-  out[i] = Pack8(acc);
+  out[t * vecs_per_row + v] = Pack8(acc);
 }
 
 // One thread per (token, slot, 8-column vector).
@@ -95,14 +135,18 @@ ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
   const int64_t vecs = h / 8;
   const int64_t work = (do_finalize ? t : t * k) * vecs;
   if (work == 0) return ffi::Error::Success();
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  const int64_t blocks_per_token = (vecs + kReduceThreads - 1) / kReduceThreads;
+  const int64_t blocks = do_finalize ? t * blocks_per_token : (work + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffffLL) return InvalidArgument("jax_moe_finalize: problem too large");
+  if (do_finalize && k > 4096) {  // the local-slot list lives in shared memory
+    return InvalidArgument("jax_moe_finalize: topk_weights: k must be <= 4096, got " + std::to_string(k));
+  }
   auto* yp = reinterpret_cast<const uint4*>(y.typed_data());
   auto* op = reinterpret_cast<uint4*>(out->typed_data());
   if (do_finalize) {
     auto reduce = [&](auto* w) {  // w: the weights as float or __nv_bfloat16
-      FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          yp, slot_to_row.typed_data(), w, t, static_cast<int>(k), m, vecs, op);
+      FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kReduceThreads, k * sizeof(int2), stream>>>(
+          yp, slot_to_row.typed_data(), w, static_cast<int>(k), m, vecs, blocks_per_token, op);
     };
     if (f32_weights) reduce(static_cast<const float*>(weights.untyped_data()));
     else reduce(static_cast<const __nv_bfloat16*>(weights.untyped_data()));

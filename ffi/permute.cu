@@ -2,8 +2,8 @@
 //
 // plan: slot s belongs to bucket id[s] - expert_offset when that is in [0, E) (and, with
 // num_experts > 0, id[s] itself is in [0, num_experts)), else to bucket E (not local).
-// Up to 1024 slots (one chunk: decode) one kernel does all of it (PlanSmallKernel); above,
-// three kernels, no host sync, deterministic and stable:
+// Up to 8192 slots one kernel does all of it (PlanFusedKernel: every block counts all slots);
+// above, three kernels, no host sync, deterministic and stable:
 //   1. count:  the slots are cut into C contiguous chunks (C = scratch rows, chosen by the Python
 //              wrapper); block c writes the per-bucket histogram of chunk c into scratch[c, :].
 //              Bucket b in [0, E) is a local expert, bucket E collects every non-local slot.
@@ -50,17 +50,21 @@ __device__ __forceinline__ unsigned LaneMaskLt() {
   return m;
 }
 
-// Adds the bucket counts of slots [begin, end) to the shared-memory histogram `hist` [E + 1].
+// Adds the bucket counts of slots [begin, end) to the shared-memory histogram `hist` [E + 1]:
+// a shared atomic per local slot, the non-local ones (bucket E: most slots of an expert-parallel
+// slice) summed per warp first. (A warp match_any per round, which aggregates every bucket,
+// costs several times more: the fused plan kernel counts all slots in every block.)
 __device__ __forceinline__ void CountChunk(const int32_t* __restrict__ ids, int64_t begin,
                                            int64_t end, int num_experts, LocalRange lr, int* hist) {
-  const int lane = threadIdx.x & 31;
-  for (int64_t base = begin; base < end; base += blockDim.x) {  // uniform trip count
-    const int64_t s = base + threadIdx.x;
-    const bool valid = s < end;
-    const int b = valid ? Bucket(ids[s], num_experts, lr) : -1;
-    const unsigned peers = __match_any_sync(kFull, b);
-    if (valid && lane == __ffs(peers) - 1) atomicAdd(&hist[b], __popc(peers));
+  int not_local = 0;
+#pragma unroll 4
+  for (int64_t s = begin + threadIdx.x; s < end; s += blockDim.x) {
+    const int b = Bucket(ids[s], num_experts, lr);
+    if (b < num_experts) atomicAdd(&hist[b], 1);
+    else ++not_local;
   }
+  not_local = __reduce_add_sync(kFull, not_local);  // every lane is here: the loop has no sync
+  if ((threadIdx.x & 31) == 0 && not_local > 0) atomicAdd(&hist[num_experts], not_local);
 }
 
 // Kernel 1: histogram of each chunk over E + 1 buckets.
@@ -166,88 +170,116 @@ __global__ void __launch_bounds__(kPlanThreads)
               slot_to_row, row_to_slot);
 }
 
-// Count, scan and assign in one launch of one block, for a single chunk (decode-sized plans).
-constexpr int kSmallScanItems = (kMaxLocalExperts + 1 + kPlanThreads - 1) / kPlanThreads;
+// Count, scan and assign in one launch for up to kFusedMaxSlots slots (decode, small EP
+// batches): block c assigns chunk c (kFusedChunk slots: one round of AssignChunk), but first
+// counts every slot itself, those before its chunk and the rest, so no block waits for another.
+// Each block reads all the ids (n / 256 loads per thread); up to ~8K slots that costs less than
+// the three-kernel path's two extra launches.
+constexpr int kFusedChunk = kPlanThreads;
+constexpr int64_t kFusedMaxSlots = 8192;
+constexpr int kScanItems = (kMaxLocalExperts + 1 + kPlanThreads - 1) / kPlanThreads;
 
 __global__ void __launch_bounds__(kPlanThreads)
-    PlanSmallKernel(const int32_t* __restrict__ ids, int64_t num_slots, int num_experts,
+    PlanFusedKernel(const int32_t* __restrict__ ids, int64_t num_slots, int num_experts,
                     LocalRange lr, int32_t* __restrict__ offsets, int32_t* __restrict__ slot_to_row,
                     int32_t* __restrict__ row_to_slot) {
   using Scan = cub::BlockScan<int, kPlanThreads>;
   __shared__ typename Scan::TempStorage temp;
   extern __shared__ int smem[];
   const int nb = num_experts + 1;
-  int* next = smem;        // [nb] bucket histogram, then each bucket's next free row
-  int* table = smem + nb;  // [kPlanWarps][nb]
-  for (int b = threadIdx.x; b < nb; b += blockDim.x) next[b] = 0;
-  for (int i = threadIdx.x; i < kPlanWarps * nb; i += blockDim.x) table[i] = 0;
+  int* before = smem;          // [nb] slots of each bucket before this chunk, then its next free row
+  int* rest = smem + nb;       // [nb] slots of each bucket from this chunk on
+  int* table = smem + 2 * nb;  // [kPlanWarps][nb]
+  for (int i = threadIdx.x; i < (kPlanWarps + 2) * nb; i += blockDim.x) smem[i] = 0;
   __syncthreads();
-  CountChunk(ids, 0, num_slots, num_experts, lr, next);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kFusedChunk;
+  const int64_t end = min(begin + kFusedChunk, num_slots);
+  CountChunk(ids, 0, begin, num_experts, lr, before);
+  CountChunk(ids, begin, num_slots, num_experts, lr, rest);
   __syncthreads();
   // exclusive prefix over the local buckets; bucket E (not local) starts after all of them
-  int items[kSmallScanItems];
+  int items[kScanItems];
 #pragma unroll
-  for (int i = 0; i < kSmallScanItems; ++i) {
-    const int b = threadIdx.x * kSmallScanItems + i;
-    items[i] = b < num_experts ? next[b] : 0;
+  for (int i = 0; i < kScanItems; ++i) {
+    const int b = threadIdx.x * kScanItems + i;
+    items[i] = b < num_experts ? before[b] + rest[b] : 0;
   }
   Scan(temp).ExclusiveSum(items, items);
   __syncthreads();
 #pragma unroll
-  for (int i = 0; i < kSmallScanItems; ++i) {
-    const int b = threadIdx.x * kSmallScanItems + i;
+  for (int i = 0; i < kScanItems; ++i) {
+    const int b = threadIdx.x * kScanItems + i;
     if (b < nb) {
-      next[b] = items[i];
-      offsets[b] = items[i];
+      before[b] += items[i];
+      if (blockIdx.x == 0) offsets[b] = items[i];
     }
   }
   __syncthreads();
-  AssignChunk(ids, num_slots, 0, num_slots, num_experts, lr, next, table, slot_to_row,
+  AssignChunk(ids, num_slots, begin, end, num_experts, lr, before, table, slot_to_row,
               row_to_slot);
 }
 
-// permute: one warp per row, rows [0, offsets[E]) only.
-constexpr int kPermuteWarps = 8;
+// permute: one block of kPermuteThreads per row (grid-stride over rows [0, offsets[E]) only);
+// the block's threads split the row's 16-byte vectors, kPermuteBatch loads in flight each, and
+// its 128-blocks' scales. A row then costs about three dependent global round trips (offsets,
+// the row's slot, the data) where a warp per row waited for a round trip per 512 bytes; at
+// decode and in expert-parallel slices, where one wave of rows is the whole kernel, that
+// latency is the kernel's time. The slot of the block's next row is loaded ahead.
+constexpr int kPermuteThreads = 128;
+constexpr int kPermuteBatch = 4;
+constexpr int kPermuteBlocksPerSm = 10;  // one wave: <= 48 registers x 128 threads
 
-__global__ void __launch_bounds__(kPermuteWarps * 32)
+__global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
     PermuteKernel(const uint8_t* __restrict__ hidden, const float* __restrict__ hidden_scale,
                   const int32_t* __restrict__ row_to_slot, const int32_t* __restrict__ offsets,
                   int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
-                  uint8_t* __restrict__ rows, float* __restrict__ row_scales) {
+                  uint8_t* __restrict__ rows, float* __restrict__ row_scales,
+                  int32_t* __restrict__ zero_counter) {
   GridDependencyTrigger();  // a GEMM launched after this one with PDL may start (stages.h)
+  if (zero_counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_counter = 0;
   extern __shared__ int offs[];  // [E + 1]
   for (int g = threadIdx.x; g <= num_experts; g += blockDim.x) offs[g] = offsets[g];
   __syncthreads();
   const int64_t num_rows = num_tokens * top_k;
   const int64_t valid_rows = min(static_cast<int64_t>(max(offs[num_experts], 0)), num_rows);
-  const int lane = threadIdx.x & 31;
   const int64_t kb_count = hidden_size / 128;
   const int64_t vecs = hidden_size / 16;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kPermuteWarps + (threadIdx.x >> 5);
-       r < valid_rows; r += static_cast<int64_t>(gridDim.x) * kPermuteWarps) {
-    const int32_t slot = row_to_slot[r];
-    if (slot < 0 || slot >= num_rows) continue;
-    const int64_t tok = slot / top_k;
-    const uint4* src = reinterpret_cast<const uint4*>(hidden + tok * hidden_size);
-    uint4* dst = reinterpret_cast<uint4*>(rows + r * hidden_size);
-    int64_t v = lane;
-    for (; v + 96 < vecs; v += 128) {
-      uint4 a = src[v], b = src[v + 32], c = src[v + 64], d = src[v + 96];
-      dst[v] = a;
-      dst[v + 32] = b;
-      dst[v + 64] = c;
-      dst[v + 96] = d;
+  int64_t r = blockIdx.x;
+  int32_t slot = r < valid_rows ? row_to_slot[r] : -1;
+  for (; r < valid_rows; r += gridDim.x) {
+    const int64_t next = r + gridDim.x;
+    const int32_t next_slot = next < valid_rows ? row_to_slot[next] : -1;
+    if (slot >= 0 && slot < num_rows) {
+      const int64_t tok = slot / top_k;
+      // the first kPermuteThreads blocks' scales load with the data (one round trip per row)
+      const float first_scale = threadIdx.x < kb_count ? hidden_scale[threadIdx.x * num_tokens + tok] : 0.0f;
+      const uint4* src = reinterpret_cast<const uint4*>(hidden + tok * hidden_size);
+      uint4* dst = reinterpret_cast<uint4*>(rows + r * hidden_size);
+      for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += kPermuteBatch * kPermuteThreads) {
+        uint4 buf[kPermuteBatch];
+#pragma unroll
+        for (int i = 0; i < kPermuteBatch; ++i) {
+          const int64_t v = v0 + i * kPermuteThreads;
+          if (v < vecs) buf[i] = src[v];
+        }
+#pragma unroll
+        for (int i = 0; i < kPermuteBatch; ++i) {
+          const int64_t v = v0 + i * kPermuteThreads;
+          if (v < vecs) dst[v] = buf[i];
+        }
+      }
+      const int g = FindGroup(offs, num_experts, r);
+      if (g >= 0) {
+        const int64_t g0 = offs[g];
+        const int64_t mg = offs[g + 1] - g0;
+        for (int64_t kb = threadIdx.x; kb < kb_count; kb += kPermuteThreads) {
+          const int64_t idx = g0 * kb_count + kb * mg + (r - g0);
+          const float sc = kb < kPermuteThreads ? first_scale : hidden_scale[kb * num_tokens + tok];
+          if (idx >= 0 && idx < num_rows * kb_count) row_scales[idx] = sc;
+        }
+      }
     }
-    for (; v < vecs; v += 32) dst[v] = src[v];
-
-    const int g = FindGroup(offs, num_experts, r);
-    if (g < 0) continue;
-    const int64_t g0 = offs[g];
-    const int64_t mg = offs[g + 1] - g0;
-    for (int64_t kb = lane; kb < kb_count; kb += 32) {
-      const int64_t idx = g0 * kb_count + kb * mg + (r - g0);
-      if (idx >= 0 && idx < num_rows * kb_count) row_scales[idx] = hidden_scale[kb * num_tokens + tok];
-    }
+    slot = next_slot;
   }
 }
 
@@ -290,11 +322,12 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
   const int64_t used_chunks = (n + chunk - 1) / chunk;  // <= num_chunks
   const int nb = static_cast<int>(e + 1);
   const LocalRange lr{expert_offset, num_experts};
-  if (used_chunks == 1) {  // scratch is left untouched
-    PlanSmallKernel<<<1, kPlanThreads, (kPlanWarps + 1) * nb * sizeof(int), stream>>>(
+  if (n <= kFusedMaxSlots) {  // scratch is left untouched
+    const unsigned blocks = static_cast<unsigned>((n + kFusedChunk - 1) / kFusedChunk);
+    PlanFusedKernel<<<blocks, kPlanThreads, (kPlanWarps + 2) * nb * sizeof(int), stream>>>(
         local_ids.typed_data(), n, static_cast<int>(e), lr, offsets->typed_data(),
         slot_to_row->typed_data(), row_to_slot->typed_data());
-    JAX_MOE_CHECK_LAUNCH("jax_moe_plan small kernel launch");
+    JAX_MOE_CHECK_LAUNCH("jax_moe_plan fused kernel launch");
     return ffi::Error::Success();
   }
   int32_t* scr = scratch->typed_data();  // rows past used_chunks are left untouched
@@ -316,7 +349,8 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
 
 ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
                         const ffi::Buffer<ffi::S32>& row_to_slot, const ffi::Buffer<ffi::S32>& offsets,
-                        ffi::AnyBuffer& rows, ffi::Buffer<ffi::F32>& row_scales, int32_t top_k) {
+                        ffi::AnyBuffer& rows, ffi::Buffer<ffi::F32>& row_scales, int32_t top_k,
+                        int32_t* zero_counter) {
   if (!IsFp8E4M3(hidden)) {
     return InvalidArgument("jax_moe_permute: hidden_states: expected dtype float8_e4m3fn, got dtype code " +
                            std::to_string(static_cast<int>(hidden.element_type())));
@@ -347,11 +381,11 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
   JAX_MOE_RETURN_IF_ERROR(CheckShape(row_scales, "row_scales (output)", {m * h / 128}));
   if (m == 0 || h == 0) return ffi::Error::Success();
 
-  const unsigned grid = GridStrideBlocks(m, kPermuteWarps);  // one warp per row
-  PermuteKernel<<<grid, kPermuteWarps * 32, (e + 1) * sizeof(int), stream>>>(
+  const unsigned grid = GridStrideBlocks(m, 1, kPermuteBlocksPerSm);  // a block per row
+  PermuteKernel<<<grid, kPermuteThreads, (e + 1) * sizeof(int), stream>>>(
       static_cast<const uint8_t*>(hidden.untyped_data()), hidden_scale.typed_data(),
       row_to_slot.typed_data(), offsets.typed_data(), e, t, top_k, h,
-      static_cast<uint8_t*>(rows.untyped_data()), row_scales.typed_data());
+      static_cast<uint8_t*>(rows.untyped_data()), row_scales.typed_data(), zero_counter);
   JAX_MOE_CHECK_LAUNCH("jax_moe_permute kernel launch");
   return ffi::Error::Success();
 }

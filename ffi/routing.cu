@@ -83,18 +83,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 
   float sel[S];  // value the selection ranks
   float aux[S];  // value the weight is computed from
+  float bias_e[S];  // the expert's bias, loaded with the logits (one memory round trip, not two)
   uint32_t present = 0;  // bit i: slot i holds an expert
 
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     int e = i * 32 + lane;
-    float l = 0.0f;
+    float l = 0.0f, b = 0.0f;
     if (e < E) {
       l = ToFloat(row[e]);
+      b = bias[e];
       present |= 1u << i;
     }
     sel[i] = l;
     aux[i] = l;
+    bias_e[i] = b;
   }
 
   switch (p.method) {
@@ -127,7 +130,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         int e = i * 32 + lane;
         float s = Sigmoid(sel[i]);
         aux[i] = s;
-        sel[i] = (present & (1u << i)) ? s + bias[e] : 0.0f;
+        sel[i] = (present & (1u << i)) ? s + bias_e[i] : 0.0f;
       }
       break;
     case kSigmoidRenorm:
@@ -154,11 +157,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     float gscore[8];
     if (pg == 32) {
       // Group g is register slot g of every lane (DeepSeek-V3: 256 experts, 8 groups): its top
-      // two are one warp max, a ballot for a tie at the max, and a second warp max.
+      // two are one warp max, a ballot for a tie at the max, and a second warp max. Every slot's
+      // group is scored unconditionally (no branch on n_group), so the groups' warp reductions
+      // overlap; groups >= n_group are dropped by their keys below.
 #pragma unroll
       for (int g = 0; g < 8; ++g) {
         float b1 = -INFINITY, b2 = -INFINITY;
-        if (g < S && g < p.n_group) {  // uniform across the warp
+        if (g < S) {  // compile-time
           const float v = sel[g < S ? g : 0];
           const uint32_t ob = OrderedBits(v != v ? -INFINITY : v);
           const uint32_t m1 = __reduce_max_sync(kFull, ob);

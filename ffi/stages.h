@@ -2,7 +2,10 @@
 // launch, exactly what their own targets run) for the targets that chain one of them with the
 // own GEMM in a single call (blockwise_gemm_sm90.cu: "jax_moe_permute_gemm",
 // "jax_moe_act_quant_gemm"). Their kernels call GridDependencyTrigger() first, so a GEMM
-// launched after them with PDL starts loading its weights while they run.
+// launched after them with PDL starts loading its weights while they run. `zero_counter`
+// (nullptr: none) is an int the stage kernel sets to 0: the GEMM's tile counter, which the GEMM
+// reads only after its grid-dependency wait, so the pair needs no memset of its own. The kernel
+// runs whenever the GEMM does (both need M > 0 and K > 0).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,11 +18,13 @@ namespace jax_moe {
 // offsets int32 [E + 1] -> rows fp8 [T*k, H], row_scales f32 [T*k*H/128] (grouped MN-major).
 ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
                         const ffi::Buffer<ffi::S32>& row_to_slot, const ffi::Buffer<ffi::S32>& offsets,
-                        ffi::AnyBuffer& rows, ffi::Buffer<ffi::F32>& row_scales, int32_t top_k);
+                        ffi::AnyBuffer& rows, ffi::Buffer<ffi::F32>& row_scales, int32_t top_k,
+                        int32_t* zero_counter = nullptr);
 
 // jax_moe_act_quant: g f32|bf16 [M, 2I] (gated) or [M, I], offsets int32 [G + 1] -> q fp8 [M, I],
 // scales f32 [M*I/128] (grouped MN-major).
 ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi::Buffer<ffi::S32>& offsets,
-                         ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation);
+                         ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation,
+                         int32_t* zero_counter = nullptr);
 
 }  // namespace jax_moe

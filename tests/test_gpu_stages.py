@@ -280,7 +280,7 @@ def test_plan_permute_shapes(t, k, e_loc, h):
     _check_permute(rows, scales, hidden, hs, offsets, np.asarray(p.row_to_slot), k)
 
 
-@pytest.mark.parametrize("t", [1, 16, 128, 512, 1000, 4096])  # one-kernel (<= 1024 slots) and chunked
+@pytest.mark.parametrize("t", [1, 16, 128, 512, 1000, 1024, 1025, 4096])  # one kernel (<= 8192 slots), three
 @pytest.mark.parametrize("offset", [0, 40])
 def test_plan_global_ids_with_offset(t, offset):
     """ids relative to all E experts, shifted in the kernel: same plan as local ids computed on
@@ -377,7 +377,7 @@ def test_act_quant_rejects_float16_input():
 @pytest.mark.parametrize("w_dtype", [jnp.bfloat16, jnp.float32], ids=["w_bf16", "w_f32"])
 @pytest.mark.parametrize("do_finalize", [True, False], ids=["finalize", "unreduced"])
 @pytest.mark.parametrize("t,k,e_loc,h", [(257, 8, 32, 7168), (1, 1, 8, 128), (1000, 4, 8, 256),
-                                         (0, 8, 8, 128)])
+                                         (0, 8, 8, 128), (9, 40, 8, 1032)])  # k > 32: two rounds of the slot list
 def test_finalize(t, k, e_loc, h, do_finalize, w_dtype):
     rng = np.random.default_rng(t * 7 + k + h)
     ids = _plan_ids(rng, t, k, e_loc, "mixed")

@@ -57,7 +57,25 @@ def cupti(fn, sets, calls):
     per_kernel = defaultdict(list)
     for a, b, n in ks:
         per_kernel[n].append(b - a)
-    return (ks[-1][1] - ks[0][0]) / calls, sum(b - a for a, b, _ in ks) / calls, per_kernel
+    return (ks[-1][1] - ks[0][0]) / calls, sum(b - a for a, b, _ in ks) / calls, per_kernel, ks
+
+
+def timeline(ks, calls):
+    """Median start / end of each kernel of an op relative to the op's first kernel start, and
+    the idle gap before it (the previous kernel's end to its start; negative: overlap)."""
+    per_op = len(ks) // calls
+    if per_op * calls != len(ks):
+        return [f"    (timeline: {len(ks)} kernels are not {calls} ops of equal length)"]
+    lines = []
+    for j in range(per_op):
+        rows = [ks[i * per_op + j] for i in range(1, calls)]  # the first op may carry a ramp
+        t0 = [ks[i * per_op][0] for i in range(1, calls)]
+        prev_end = [ks[i * per_op + j - 1][1] for i in range(1, calls)] if j else t0
+        start = np.median([r[0] - z for r, z in zip(rows, t0)])
+        end = np.median([r[1] - z for r, z in zip(rows, t0)])
+        gap = np.median([r[0] - e for r, e in zip(rows, prev_end)])
+        lines.append(f"    {rows[0][2]:28s} start {start:8.1f}  end {end:8.1f}  gap before {gap:6.1f} us")
+    return lines
 
 
 def main():
@@ -67,6 +85,8 @@ def main():
     ap.add_argument("--arms", nargs="+", default=[""])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--timeline", action="store_true",
+                    help="also each kernel's median start / end within an op and the gap before it")
     args = ap.parse_args()
     w = deepseek_weights(args.local_experts)
     for t in args.tokens:
@@ -85,12 +105,14 @@ def main():
             for arm, f in fns.items():
                 dev[arm].append(device_time(f, sets, 30))
         for arm, f in fns.items():
-            span, busy, per_kernel = cupti(f, sets, args.calls)
+            span, busy, per_kernel, ks = cupti(f, sets, args.calls)
             print(f"T={t} E_loc={args.local_experts} [{arm or 'default'}]: device_time "
                   f"{np.median(dev[arm]) * 1e6:.1f} us, CUPTI span/op {span:.1f} us, busy/op {busy:.1f} us",
                   flush=True)
             for name, d in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1])):
                 print(f"    {name:28s} {len(d) / args.calls:4.1f}/op  median {np.median(d):7.1f} us")
+            if args.timeline:
+                print("\n".join(timeline(ks, args.calls)))
 
 
 if __name__ == "__main__":
