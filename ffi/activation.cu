@@ -20,6 +20,7 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kThreads = 256;
 constexpr int kUnitsPerBlock = kThreads / 16;  // one (row, block) unit per half warp
+constexpr int kBlocksPerSm = 5;  // resident at once (launch bounds), so the grid below is one wave
 constexpr int kMaxGroups = 4096;
 
 // 8 consecutive values at p (16-byte aligned for bf16, 32-byte for float) -> float32.
@@ -36,13 +37,12 @@ __device__ __forceinline__ void Load8(const float* p, float* f) {
 
 // T: element type of the GEMM1 output, __nv_bfloat16 or float.
 template <int ACT, class T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     ActQuantKernel(const T* __restrict__ g, const int32_t* __restrict__ offsets,
                    int num_groups, int64_t num_rows, int64_t inter,
                    __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scales,
                    int32_t* __restrict__ zero_counter) {
-  GridDependencyTrigger();  // a GEMM launched after this one with PDL may start (stages.h)
-  if (zero_counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_counter = 0;
+  StageKernelBegin(zero_counter);
   extern __shared__ int offs[];  // [G + 1]
   for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) offs[i] = offsets[i];
   __syncthreads();
@@ -182,8 +182,7 @@ ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi
   JAX_MOE_RETURN_IF_ERROR(CheckShape(scales, "act_quant scales (output)", {m * inter / 128}));
   if (m == 0 || inter == 0) return ffi::Error::Success();
 
-  // (row, block) units; one wave (48 registers x 256 threads: 5 blocks fit on an SM)
-  const unsigned grid = GridStrideBlocks(m * (inter / 128), kUnitsPerBlock, 5);
+  const unsigned grid = GridStrideBlocks(m * (inter / 128), kUnitsPerBlock, kBlocksPerSm);  // (row, block) units
   const size_t smem = (num_groups + 1) * sizeof(int);
   auto* qp = static_cast<__nv_fp8_storage_t*>(q.untyped_data());
   auto launch = g_type == ffi::DataType::F32 ? LaunchActQuant<float> : LaunchActQuant<__nv_bfloat16>;

@@ -144,6 +144,13 @@ cudaError_t LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, s
 __device__ __forceinline__ void GridDependencyWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void GridDependencyTrigger() { asm volatile("griddepcontrol.launch_dependents;" :::); }
 
+// Bit i set for the lanes below this one (a ballot's bits for a lane's rank among the lanes).
+__device__ __forceinline__ unsigned LaneMaskLt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
 // Group g of row r in a grouped row buffer: the largest g in [0, num_groups) with
 // offsets[g] <= r (empty groups before a non-empty one are skipped). `offsets` has
 // num_groups + 1 entries (usually in shared memory); the caller ensures r < offsets[num_groups].

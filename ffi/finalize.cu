@@ -31,12 +31,6 @@ __device__ __forceinline__ uint4 Pack8(const float* f) {
 constexpr int kReduceThreads = 128;
 constexpr int kLoadBatch = 4;
 
-__device__ __forceinline__ unsigned LaneMaskLt() {
-  unsigned m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
-}
-
 template <class W>
 __global__ void __launch_bounds__(kReduceThreads)
     FinalizeReduceKernel(const uint4* __restrict__ y, const int32_t* __restrict__ slot_to_row,

@@ -44,12 +44,6 @@ __device__ __forceinline__ int Bucket(int32_t id, int num_experts, LocalRange lr
   return (local >= 0 && local < num_experts) ? static_cast<int>(local) : num_experts;
 }
 
-__device__ __forceinline__ unsigned LaneMaskLt() {
-  unsigned m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
-}
-
 // Adds the bucket counts of slots [begin, end) to the shared-memory histogram `hist` [E + 1]:
 // a shared atomic per local slot, the non-local ones (bucket E: most slots of an expert-parallel
 // slice) summed per warp first. (A warp match_any per round, which aggregates every bucket,
@@ -235,8 +229,7 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
                   int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
                   uint8_t* __restrict__ rows, float* __restrict__ row_scales,
                   int32_t* __restrict__ zero_counter) {
-  GridDependencyTrigger();  // a GEMM launched after this one with PDL may start (stages.h)
-  if (zero_counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_counter = 0;
+  StageKernelBegin(zero_counter);
   extern __shared__ int offs[];  // [E + 1]
   for (int g = threadIdx.x; g <= num_experts; g += blockDim.x) offs[g] = offsets[g];
   __syncthreads();
@@ -318,8 +311,6 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
     if (err != cudaSuccess) return CudaError(err, "jax_moe_plan memset");
     return ffi::Error::Success();
   }
-  const int64_t chunk = (n + num_chunks - 1) / num_chunks;
-  const int64_t used_chunks = (n + chunk - 1) / chunk;  // <= num_chunks
   const int nb = static_cast<int>(e + 1);
   const LocalRange lr{expert_offset, num_experts};
   if (n <= kFusedMaxSlots) {  // scratch is left untouched
@@ -330,6 +321,8 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
     JAX_MOE_CHECK_LAUNCH("jax_moe_plan fused kernel launch");
     return ffi::Error::Success();
   }
+  const int64_t chunk = (n + num_chunks - 1) / num_chunks;
+  const int64_t used_chunks = (n + chunk - 1) / chunk;  // <= num_chunks
   int32_t* scr = scratch->typed_data();  // rows past used_chunks are left untouched
   PlanCountKernel<<<static_cast<unsigned>(used_chunks), kPlanThreads, nb * sizeof(int), stream>>>(
       local_ids.typed_data(), n, chunk, static_cast<int>(e), lr, scr);

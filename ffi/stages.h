@@ -1,9 +1,9 @@
 // Stage launches shared between FFI targets: the permute and act_quant stages (checks + kernel
 // launch, exactly what their own targets run) for the targets that chain one of them with the
 // own GEMM in a single call (blockwise_gemm_sm90.cu: "jax_moe_permute_gemm",
-// "jax_moe_act_quant_gemm"). Their kernels call GridDependencyTrigger() first, so a GEMM
-// launched after them with PDL starts loading its weights while they run. `zero_counter`
-// (nullptr: none) is an int the stage kernel sets to 0: the GEMM's tile counter, which the GEMM
+// "jax_moe_act_quant_gemm"). Their kernels begin with StageKernelBegin (below): it triggers the
+// grid dependency, so a GEMM launched after them with PDL starts loading its weights while they
+// run, and sets `zero_counter` (nullptr: none) to 0: the GEMM's tile counter, which the GEMM
 // reads only after its grid-dependency wait, so the pair needs no memset of its own. The kernel
 // runs whenever the GEMM does (both need M > 0 and K > 0).
 #pragma once
@@ -26,5 +26,14 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
 ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi::Buffer<ffi::S32>& offsets,
                          ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation,
                          int32_t* zero_counter = nullptr);
+
+#ifdef __CUDACC__
+// First thing a stage kernel does: let its PDL dependent (the pair's GEMM) start, and zero that
+// GEMM's tile counter (`zero_counter`, nullptr outside a pair).
+__device__ __forceinline__ void StageKernelBegin(int32_t* zero_counter) {
+  GridDependencyTrigger();
+  if (zero_counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_counter = 0;
+}
+#endif
 
 }  // namespace jax_moe
