@@ -92,7 +92,8 @@ def stage_times(inp, e_loc, reps, tokens):
     g = gemm1(rows, rs, w1, w1s, p)
     aq = jax.jit(lambda g, p: ops.act_quant(g, p, jax_moe.ActivationType.Swiglu))
     q, qs = aq(g, p)
-    gemm2 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p, rows_per_group=rpg))
+    gemm2 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p, rows_per_group=rpg,
+                                                            gemm2=True))
     y = gemm2(q, qs, w2, w2s, p)
     fin = jax.jit(lambda y, p, w: ops.finalize(y, p, w))
     res = {}

@@ -126,13 +126,18 @@ OWN_GEMM_MAX_GROUPS = 512  # the own kernel keeps the group offsets in shared me
 OWN_GEMM_WORKSPACE_INTS = 4  # its device workspace: the dynamic tile scheduler's counter
 
 
-def gemm_tile_for(rows_per_group, num_groups=1):
+def gemm_tile_for(rows_per_group, num_groups=1, gemm2=False):
     """The config for `num_groups` groups of about `rows_per_group` rows (tools/tile_sweep.py on
     an H100, DeepSeek-V3 MoE, benchmarks/RESULTS.md, ninth session): up to 64 rows per group the
     own kernel's 64 x 256 tiles with dynamic tile scheduling stream the weights fastest (decode
     T=128 3.91 -> 3.68 ms against swapped-operand CUTLASS tiles, EP T=64 0.480 -> 0.465);
-    above, CUTLASS's 128 x 128 cooperative tile wins. Beyond the own kernel's 512 groups:
-    swapped operands up to 16 rows, 64 x 128 ping-pong up to 32, else 128 x 128."""
+    above, CUTLASS's 128 x 128 cooperative tile wins. Except for an MoE's GEMM2 (`gemm2`) at
+    33-64 rows: there the own 128 x 128 tile, which reads each weight tile once for up to 128
+    rows, is faster (prefill T=2048, 64 rows: 1403 -> 1367 us, sixteenth session). Beyond the
+    own kernel's 512 groups: swapped operands up to 16 rows, 64 x 128 ping-pong up to 32, else
+    128 x 128."""
+    if gemm2 and 32 < rows_per_group <= 64 and num_groups <= OWN_GEMM_MAX_GROUPS:
+        return "own128"
     if rows_per_group <= 64 and num_groups <= OWN_GEMM_MAX_GROUPS:
         return "own64"
     if rows_per_group <= 16:
@@ -142,12 +147,12 @@ def gemm_tile_for(rows_per_group, num_groups=1):
     return "128"
 
 
-def _gemm_tile(tile, rows_per_group, num_groups=1):
+def _gemm_tile(tile, rows_per_group, num_groups=1, gemm2=False):
     """The `tile` attribute for a tile argument (None: $JAX_MOE_GEMM_TILE, else "auto", read
-    when the op is traced); "auto" follows `rows_per_group`."""
+    when the op is traced); "auto" follows `rows_per_group` (and `gemm2`: gemm_tile_for)."""
     tile = tile if tile is not None else os.environ.get(TILE_ENV, "auto")
     if tile == "auto":
-        tile = gemm_tile_for(rows_per_group, num_groups)
+        tile = gemm_tile_for(rows_per_group, num_groups, gemm2)
     if tile not in GEMM_TILES:
         raise ValueError(f"tile: expected one of {sorted(GEMM_TILES) + ['auto']} "
                          f"(argument or ${TILE_ENV}), got {tile!r}")
@@ -155,17 +160,18 @@ def _gemm_tile(tile, rows_per_group, num_groups=1):
 
 
 def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloat16, tile=None,
-                     rows_per_group=None):
+                     rows_per_group=None, gemm2=False):
     """`jax_moe_grouped_gemm`: a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major),
     b fp8 [G, N, K], b_scale f32 [G, N/128, K/128], offsets int32 [G+1] -> d [M, N] in
     out_dtype (bfloat16 or float32) with d[r] = dequant(a[r]) @ dequant(b[g]).T for r in group g
     (float32 accumulation, block scales applied per 128 of K). Rows past offsets[G] are not
     written. `tile`: a key of GEMM_TILES or "auto" (by `rows_per_group`, default M/G); None
     reads $JAX_MOE_GEMM_TILE at trace time (so an override needs a fresh trace: a new jit or
-    `jax.clear_caches()`)."""
+    `jax.clear_caches()`). `gemm2`: "auto" picks the tile for an MoE's GEMM2 (gemm_tile_for)."""
     m, _ = a.shape
     g, n, _ = b.shape
-    tile_attr = _i32(_gemm_tile(tile, rows_per_group if rows_per_group is not None else m / max(g, 1), g))
+    tile_attr = _i32(_gemm_tile(tile, rows_per_group if rows_per_group is not None else m / max(g, 1), g,
+                                gemm2))
     d, _ = _ffi_call(
         "jax_moe_grouped_gemm",
         (jax.ShapeDtypeStruct((m, n), out_dtype),
@@ -175,11 +181,12 @@ def grouped_gemm_raw(a, a_scale, b, b_scale, expert_offsets, out_dtype=jnp.bfloa
 
 
 def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jnp.bfloat16,
-                 rows_per_group=None):
-    """The pipeline's GEMM stage. `rows_per_group`: the expected rows per local expert
-    (`api.expected_rows_per_expert`); picks the tile unless $JAX_MOE_GEMM_TILE is set."""
+                 rows_per_group=None, gemm2=False):
+    """The pipeline's GEMM stage (`gemm2`: the MoE's second GEMM). `rows_per_group`: the expected
+    rows per local expert (`api.expected_rows_per_expert`); picks the tile unless
+    $JAX_MOE_GEMM_TILE is set."""
     return grouped_gemm_raw(rows, row_scales, weights, weight_scales, p.expert_offsets, out_dtype,
-                            rows_per_group=rows_per_group)
+                            rows_per_group=rows_per_group, gemm2=gemm2)
 
 
 # --------------------------------------------------------------------------- activation
@@ -336,7 +343,7 @@ def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weigh
     act, act_scales = gemm1_act_quant(rows, row_scales, gemm1_weights, gemm1_weights_scale, p,
                                       activation_type, rows_per_group=rows_per_group)
     return grouped_gemm(act, act_scales, gemm2_weights, gemm2_weights_scale, p,
-                        rows_per_group=rows_per_group)
+                        rows_per_group=rows_per_group, gemm2=True)
 
 
 # --------------------------------------------------------------------------- finalize

@@ -33,6 +33,10 @@ def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
         ["own64"] * 6 + ["128"]
     assert [ops.gemm_tile_for(r, ops.OWN_GEMM_MAX_GROUPS + 1) for r in (16, 17, 32, 33, 64, 65)] == \
         ["swap32", "64", "64", "128", "128", "128"]
+    # an MoE's GEMM2: the own 128 x 128 tile at 33-64 rows
+    assert [ops.gemm_tile_for(r, 256, gemm2=True) for r in (16, 32, 33, 64, 65)] == \
+        ["own64", "own64", "own128", "own128", "128"]
+    assert ops.gemm_tile_for(64, ops.OWN_GEMM_MAX_GROUPS + 1, gemm2=True) == "128"
 
 
 def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
@@ -92,7 +96,7 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
     (1, 256, 256, "pair64", "pair64"), (16, 256, 256, "pair64", "pair64"),  # <= 16 rows
     (512, 256, 32, "pair64", "pair64"),
     (544, 256, 32, "fused64", "own64"), (1024, 256, 32, "fused64", "own64"),  # 17, 32 rows
-    (2048, 256, 256, "fused64", "own64"), (2080, 256, 32, "128", "128"),    # 64, 65 rows
+    (2048, 256, 256, "fused64", "own128"), (2080, 256, 32, "128", "128"),   # 64, 65 rows
     (4096, 256, 32, "128", "128"),                                           # 128 rows
 ])
 def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc, gemm1, gemm2):
@@ -119,7 +123,7 @@ def test_pipeline_env_overrides(monkeypatch):
     monkeypatch.delenv(ops.TILE_ENV)
     assert _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256) == ["fused64", "own64"]
     monkeypatch.setenv(ops.GEMM1_ENV, "fused128")
-    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["fused128", "own64"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["fused128", "own128"]
     monkeypatch.setenv(ops.GEMM1_ENV, "fused64")
     assert _gemm_tiles_of_the_op(monkeypatch, 4096, 256, 256) == ["fused64", "128"]
     monkeypatch.setenv(ops.GEMM1_ENV, "split")
