@@ -822,12 +822,14 @@ ffi::Error StageThenGemm(const char* op, cudaStream_t stream, Stage stage, const
 }
 
 ffi::Error PermuteGemmImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
-                           ffi::Buffer<ffi::S32> row_to_slot, ffi::Buffer<ffi::S32> offsets, ffi::AnyBuffer b,
+                           ffi::Buffer<ffi::S32> slot_to_row, ffi::Buffer<ffi::S32> row_to_slot,
+                           ffi::Buffer<ffi::S32> offsets, ffi::AnyBuffer b,
                            ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> d,
                            ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::F32>> row_scales,
                            ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t top_k, int32_t block_m) {
   auto stage = [&](int32_t* counter) {
-    return PermuteStage(stream, hidden, hidden_scale, row_to_slot, offsets, *rows, *row_scales, top_k, counter);
+    return PermuteStage(stream, hidden, hidden_scale, slot_to_row, row_to_slot, offsets, *rows, *row_scales, top_k,
+                        counter);
   };
   return StageThenGemm("jax_moe_permute_gemm", stream, stage, *rows, *row_scales, b, b_scale, offsets, *d, *workspace,
                        block_m);
@@ -851,6 +853,7 @@ XLA_FFI_DEFINE_HANDLER(PermuteGemmHandler, PermuteGemmImpl,
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
                            .Arg<ffi::AnyBuffer>()          // hidden_states fp8 [T, H]
                            .Arg<ffi::Buffer<ffi::F32>>()   // hidden_states_scale [H/128, T]
+                           .Arg<ffi::Buffer<ffi::S32>>()   // slot_to_row [T*k]
                            .Arg<ffi::Buffer<ffi::S32>>()   // row_to_slot [T*k]
                            .Arg<ffi::Buffer<ffi::S32>>()   // expert_offsets [G + 1]
                            .Arg<ffi::AnyBuffer>()          // b: fp8 [G, N, H] (GEMM1 weights)

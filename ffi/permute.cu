@@ -14,7 +14,9 @@
 //              term from warp match_any ranks plus a per-warp count table in shared memory.
 //              Non-local slots fill rows [offsets[E], T*k) in slot order, so every row is
 //              written exactly once (row_to_slot = -1 there).
-// permute: one warp per row, 16-byte copies, scales written in the grouped MN-major layout.
+// permute: a block per row (row_to_slot) below 16384 slots, else a block per token whose row is
+// read once and written to the rows of its local slots (slot_to_row); 16-byte copies, scales
+// written in the grouped MN-major layout.
 #include <cuda_runtime.h>
 
 #include <cub/block/block_scan.cuh>
@@ -213,18 +215,94 @@ __global__ void __launch_bounds__(kPlanThreads)
               row_to_slot);
 }
 
-// permute: one block of kPermuteThreads per row (grid-stride over rows [0, offsets[E]) only);
+// The permute kernels: blocks of kPermuteThreads, kPermuteBatch 16-byte loads in flight per
+// thread, one wave of blocks (grid-stride). Below kPermuteTokenMajorSlots slots (decode,
+// expert-parallel slices of a few hundred tokens: latency-bound) a block per row; above, a
+// block per token.
+constexpr int kPermuteThreads = 128;
+constexpr int kPermuteBatch = 4;
+constexpr int kPermuteBlocksPerSm = 10;  // one wave: <= 48 registers x 128 threads
+constexpr int64_t kPermuteTokenMajorSlots = 16384;
+
+// permute by tokens: one block per token (grid-stride over the tokens). The block finds the
+// rows of the token's local slots (slot_to_row; a slot whose row is not below offsets[E] is not
+// local), then reads the token's row once and writes it to each of them, with its 128-blocks'
+// scales into the grouped MN-major layout. A block per row reads a token k times (from DRAM
+// once the hidden states outgrow the L2: prefill T=8192, 58.7 MB), and in an expert-parallel
+// slice tokens without a local slot are not read at all.
+
+__global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
+    PermuteTokensKernel(const uint8_t* __restrict__ hidden, const float* __restrict__ hidden_scale,
+                  const int32_t* __restrict__ slot_to_row, const int32_t* __restrict__ offsets,
+                  int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
+                  uint8_t* __restrict__ rows, float* __restrict__ row_scales,
+                  int32_t* __restrict__ zero_counter) {
+  StageKernelBegin(zero_counter);
+  extern __shared__ int smem[];
+  int* offs = smem;                            // [E + 1]
+  int* slot_row = smem + num_experts + 1;      // [k]: the row of each slot of the token, -1: not local
+  int* slot_group = slot_row + top_k;          // [k]: its local expert
+  for (int g = threadIdx.x; g <= num_experts; g += blockDim.x) offs[g] = offsets[g];
+  __syncthreads();
+  const int64_t num_rows = num_tokens * top_k;
+  const int64_t valid_rows = min(static_cast<int64_t>(max(offs[num_experts], 0)), num_rows);
+  const int64_t kb_count = hidden_size / 128;
+  const int64_t vecs = hidden_size / 16;
+  constexpr int64_t kChunk = kPermuteBatch * kPermuteThreads;  // vectors per batch of the block
+  for (int64_t tok = blockIdx.x; tok < num_tokens; tok += gridDim.x) {
+    int any_local = 0;
+    for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+      const int32_t r = slot_to_row[tok * top_k + j];
+      const int g = r >= 0 && r < valid_rows ? FindGroup(offs, num_experts, r) : -1;
+      slot_row[j] = g >= 0 ? r : -1;
+      slot_group[j] = g;
+      any_local |= g >= 0;
+    }
+    if (__syncthreads_or(any_local) == 0) continue;  // no local slot (uniform: no barrier skipped)
+    const uint4* src = reinterpret_cast<const uint4*>(hidden + tok * hidden_size);
+    const float first_scale = threadIdx.x < kb_count ? hidden_scale[threadIdx.x * num_tokens + tok] : 0.0f;
+    for (int64_t v0 = 0; v0 < vecs; v0 += kChunk) {
+      uint4 buf[kPermuteBatch];
+#pragma unroll
+      for (int i = 0; i < kPermuteBatch; ++i) {
+        const int64_t v = v0 + threadIdx.x + i * kPermuteThreads;
+        if (v < vecs) buf[i] = src[v];
+      }
+      for (int j = 0; j < top_k; ++j) {
+        const int32_t r = slot_row[j];
+        if (r < 0) continue;
+        uint4* dst = reinterpret_cast<uint4*>(rows + static_cast<int64_t>(r) * hidden_size);
+#pragma unroll
+        for (int i = 0; i < kPermuteBatch; ++i) {
+          const int64_t v = v0 + threadIdx.x + i * kPermuteThreads;
+          if (v < vecs) dst[v] = buf[i];
+        }
+      }
+    }
+    for (int64_t kb = threadIdx.x; kb < kb_count; kb += kPermuteThreads) {
+      const float sc = kb < kPermuteThreads ? first_scale : hidden_scale[kb * num_tokens + tok];
+      for (int j = 0; j < top_k; ++j) {
+        const int32_t r = slot_row[j];
+        if (r < 0) continue;
+        const int g = slot_group[j];
+        const int64_t g0 = offs[g];
+        const int64_t idx = g0 * kb_count + kb * (offs[g + 1] - g0) + (r - g0);
+        if (idx >= 0 && idx < num_rows * kb_count) row_scales[idx] = sc;
+      }
+    }
+    __syncthreads();  // slot_row / slot_group are rewritten for the next token
+  }
+}
+
+// permute by rows (below kPermuteTokenMajorSlots slots): one block per row (grid-stride over rows
+// [0, offsets[E]) only);
 // the block's threads split the row's 16-byte vectors, kPermuteBatch loads in flight each, and
 // its 128-blocks' scales. A row then costs about three dependent global round trips (offsets,
 // the row's slot, the data) where a warp per row waited for a round trip per 512 bytes; at
 // decode and in expert-parallel slices, where one wave of rows is the whole kernel, that
 // latency is the kernel's time. The slot of the block's next row is loaded ahead.
-constexpr int kPermuteThreads = 128;
-constexpr int kPermuteBatch = 4;
-constexpr int kPermuteBlocksPerSm = 10;  // one wave: <= 48 registers x 128 threads
-
 __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
-    PermuteKernel(const uint8_t* __restrict__ hidden, const float* __restrict__ hidden_scale,
+    PermuteRowsKernel(const uint8_t* __restrict__ hidden, const float* __restrict__ hidden_scale,
                   const int32_t* __restrict__ row_to_slot, const int32_t* __restrict__ offsets,
                   int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
                   uint8_t* __restrict__ rows, float* __restrict__ row_scales,
@@ -341,9 +419,9 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
 }  // namespace
 
 ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
-                        const ffi::Buffer<ffi::S32>& row_to_slot, const ffi::Buffer<ffi::S32>& offsets,
-                        ffi::AnyBuffer& rows, ffi::Buffer<ffi::F32>& row_scales, int32_t top_k,
-                        int32_t* zero_counter) {
+                        const ffi::Buffer<ffi::S32>& slot_to_row, const ffi::Buffer<ffi::S32>& row_to_slot,
+                        const ffi::Buffer<ffi::S32>& offsets, ffi::AnyBuffer& rows,
+                        ffi::Buffer<ffi::F32>& row_scales, int32_t top_k, int32_t* zero_counter) {
   if (!IsFp8E4M3(hidden)) {
     return InvalidArgument("jax_moe_permute: hidden_states: expected dtype float8_e4m3fn, got dtype code " +
                            std::to_string(static_cast<int>(hidden.element_type())));
@@ -367,6 +445,7 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
   const int64_t m = t * top_k;
   if (m > 0x7fffffffLL) return InvalidArgument("jax_moe_permute: T*k must be < 2^31");
   JAX_MOE_RETURN_IF_ERROR(CheckShape(hidden_scale, "hidden_states_scale", {h / 128, t}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(slot_to_row, "slot_to_row", {m}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(row_to_slot, "row_to_slot", {m}));
   int e = 0;
   JAX_MOE_RETURN_IF_ERROR(CheckOffsets(offsets, "jax_moe_permute", kMaxLocalExperts, &e));
@@ -374,11 +453,21 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
   JAX_MOE_RETURN_IF_ERROR(CheckShape(row_scales, "row_scales (output)", {m * h / 128}));
   if (m == 0 || h == 0) return ffi::Error::Success();
 
-  const unsigned grid = GridStrideBlocks(m, 1, kPermuteBlocksPerSm);  // a block per row
-  PermuteKernel<<<grid, kPermuteThreads, (e + 1) * sizeof(int), stream>>>(
-      static_cast<const uint8_t*>(hidden.untyped_data()), hidden_scale.typed_data(),
-      row_to_slot.typed_data(), offsets.typed_data(), e, t, top_k, h,
-      static_cast<uint8_t*>(rows.untyped_data()), row_scales.typed_data(), zero_counter);
+  const auto* hidden_bytes = static_cast<const uint8_t*>(hidden.untyped_data());
+  auto* row_bytes = static_cast<uint8_t*>(rows.untyped_data());
+  if (m < kPermuteTokenMajorSlots) {
+    const unsigned grid = GridStrideBlocks(m, 1, kPermuteBlocksPerSm);  // a block per row
+    PermuteRowsKernel<<<grid, kPermuteThreads, (e + 1) * sizeof(int), stream>>>(
+        hidden_bytes, hidden_scale.typed_data(), row_to_slot.typed_data(), offsets.typed_data(), e, t, top_k, h,
+        row_bytes, row_scales.typed_data(), zero_counter);
+  } else {
+    const unsigned grid = GridStrideBlocks(t, 1, kPermuteBlocksPerSm);  // a block per token
+    const size_t smem = (e + 1 + 2 * static_cast<size_t>(top_k)) * sizeof(int);
+    if (smem > 48 * 1024) return InvalidArgument("jax_moe_permute: top_k: too large, got " + std::to_string(top_k));
+    PermuteTokensKernel<<<grid, kPermuteThreads, smem, stream>>>(
+        hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
+        row_bytes, row_scales.typed_data(), zero_counter);
+  }
   JAX_MOE_CHECK_LAUNCH("jax_moe_permute kernel launch");
   return ffi::Error::Success();
 }
@@ -386,10 +475,10 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
 namespace {
 
 ffi::Error PermuteImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
-                       ffi::Buffer<ffi::S32> row_to_slot, ffi::Buffer<ffi::S32> offsets,
-                       ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::F32>> row_scales,
-                       int32_t top_k) {
-  return PermuteStage(stream, hidden, hidden_scale, row_to_slot, offsets, *rows, *row_scales, top_k);
+                       ffi::Buffer<ffi::S32> slot_to_row, ffi::Buffer<ffi::S32> row_to_slot,
+                       ffi::Buffer<ffi::S32> offsets, ffi::Result<ffi::AnyBuffer> rows,
+                       ffi::Result<ffi::Buffer<ffi::F32>> row_scales, int32_t top_k) {
+  return PermuteStage(stream, hidden, hidden_scale, slot_to_row, row_to_slot, offsets, *rows, *row_scales, top_k);
 }
 
 }  // namespace
@@ -412,6 +501,7 @@ XLA_FFI_DEFINE_HANDLER(PermuteHandler, PermuteImpl,
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
                            .Arg<ffi::AnyBuffer>()           // hidden_states fp8 [T, H]
                            .Arg<ffi::Buffer<ffi::F32>>()    // hidden_states_scale [H/128, T]
+                           .Arg<ffi::Buffer<ffi::S32>>()    // slot_to_row [T*k]
                            .Arg<ffi::Buffer<ffi::S32>>()    // row_to_slot [T*k]
                            .Arg<ffi::Buffer<ffi::S32>>()    // expert_offsets [E_loc + 1]
                            .Ret<ffi::AnyBuffer>()           // rows fp8 [T*k, H]

@@ -14,12 +14,13 @@
 
 namespace jax_moe {
 
-// jax_moe_permute: hidden fp8 [T, H], hidden_scale f32 [H/128, T], row_to_slot int32 [T*k],
-// offsets int32 [E + 1] -> rows fp8 [T*k, H], row_scales f32 [T*k*H/128] (grouped MN-major).
+// jax_moe_permute: hidden fp8 [T, H], hidden_scale f32 [H/128, T], slot_to_row and row_to_slot
+// int32 [T*k] (the plan's), offsets int32 [E + 1] -> rows fp8 [T*k, H], row_scales f32
+// [T*k*H/128] (grouped MN-major).
 ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
-                        const ffi::Buffer<ffi::S32>& row_to_slot, const ffi::Buffer<ffi::S32>& offsets,
-                        ffi::AnyBuffer& rows, ffi::Buffer<ffi::F32>& row_scales, int32_t top_k,
-                        int32_t* zero_counter = nullptr);
+                        const ffi::Buffer<ffi::S32>& slot_to_row, const ffi::Buffer<ffi::S32>& row_to_slot,
+                        const ffi::Buffer<ffi::S32>& offsets, ffi::AnyBuffer& rows,
+                        ffi::Buffer<ffi::F32>& row_scales, int32_t top_k, int32_t* zero_counter = nullptr);
 
 // jax_moe_act_quant: g f32|bf16 [M, 2I] (gated) or [M, I], offsets int32 [G + 1] -> q fp8 [M, I],
 // scales f32 [M*I/128] (grouped MN-major).

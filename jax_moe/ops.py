@@ -100,7 +100,8 @@ def permute(hidden_states, hidden_states_scale, p: Plan, top_k):
     return _ffi_call(
         "jax_moe_permute",
         (jax.ShapeDtypeStruct((m, h), FP8), jax.ShapeDtypeStruct((m * h // BLOCK,), jnp.float32)),
-    )(hidden_states, hidden_states_scale, p.row_to_slot, p.expert_offsets, top_k=_i32(top_k))
+    )(hidden_states, hidden_states_scale, p.slot_to_row, p.row_to_slot, p.expert_offsets,
+      top_k=_i32(top_k))
 
 
 # --------------------------------------------------------------------------- grouped GEMM
@@ -300,7 +301,7 @@ def permute_gemm(hidden_states, hidden_states_scale, p: Plan, top_k, weights, we
     t, h = hidden_states.shape
     return _stage_gemm_call(
         "jax_moe_permute_gemm", t * top_k, weights.shape[1], out_dtype, h, hidden_states,
-        hidden_states_scale, p.row_to_slot, p.expert_offsets, weights, weight_scales,
+        hidden_states_scale, p.slot_to_row, p.row_to_slot, p.expert_offsets, weights, weight_scales,
         top_k=_i32(top_k), block_m=_i32(block_m))
 
 

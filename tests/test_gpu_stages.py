@@ -268,7 +268,10 @@ def test_plan_permute(t, e_loc, dist):
 
 @pytest.mark.parametrize("t,k,e_loc,h", [(128, 8, 256, 7168), (1000, 6, 32, 2048),
                                          (333, 1, 8, 384), (32768, 8, 256, 128),
-                                         (16384, 8, 512, 128), (512, 8, 512, 128)])
+                                         (16384, 8, 512, 128), (512, 8, 512, 128),
+                                         # from 16384 slots a block per token: H = 7168, and
+                                         # 8320 (520 16-byte vectors: two batches of the block)
+                                         (2048, 8, 32, 7168), (2048, 8, 8, 8320)])
 def test_plan_permute_shapes(t, k, e_loc, h):
     rng = np.random.default_rng(t + k + e_loc + h)
     ids = _plan_ids(rng, t, k, e_loc, "mixed")
