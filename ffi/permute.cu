@@ -230,13 +230,12 @@ constexpr int64_t kPermuteTokenMajorSlots = 16384;
 // scales into the grouped MN-major layout. A block per row reads a token k times (from DRAM
 // once the hidden states outgrow the L2: prefill T=8192, 58.7 MB), and in an expert-parallel
 // slice tokens without a local slot are not read at all.
-
 __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
     PermuteTokensKernel(const uint8_t* __restrict__ hidden, const float* __restrict__ hidden_scale,
-                  const int32_t* __restrict__ slot_to_row, const int32_t* __restrict__ offsets,
-                  int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
-                  uint8_t* __restrict__ rows, float* __restrict__ row_scales,
-                  int32_t* __restrict__ zero_counter) {
+                        const int32_t* __restrict__ slot_to_row, const int32_t* __restrict__ offsets,
+                        int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
+                        uint8_t* __restrict__ rows, float* __restrict__ row_scales,
+                        int32_t* __restrict__ zero_counter) {
   StageKernelBegin(zero_counter);
   extern __shared__ int smem[];
   int* offs = smem;                            // [E + 1]
@@ -294,19 +293,18 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
   }
 }
 
-// permute by rows (below kPermuteTokenMajorSlots slots): one block per row (grid-stride over rows
-// [0, offsets[E]) only);
-// the block's threads split the row's 16-byte vectors, kPermuteBatch loads in flight each, and
-// its 128-blocks' scales. A row then costs about three dependent global round trips (offsets,
+// permute by rows (below kPermuteTokenMajorSlots slots): one block per row (grid-stride over
+// rows [0, offsets[E]) only); the block's threads split the row's 16-byte vectors,
+// kPermuteBatch loads in flight each, and its 128-blocks' scales. A row then costs about three dependent global round trips (offsets,
 // the row's slot, the data) where a warp per row waited for a round trip per 512 bytes; at
 // decode and in expert-parallel slices, where one wave of rows is the whole kernel, that
 // latency is the kernel's time. The slot of the block's next row is loaded ahead.
 __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
     PermuteRowsKernel(const uint8_t* __restrict__ hidden, const float* __restrict__ hidden_scale,
-                  const int32_t* __restrict__ row_to_slot, const int32_t* __restrict__ offsets,
-                  int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
-                  uint8_t* __restrict__ rows, float* __restrict__ row_scales,
-                  int32_t* __restrict__ zero_counter) {
+                      const int32_t* __restrict__ row_to_slot, const int32_t* __restrict__ offsets,
+                      int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
+                      uint8_t* __restrict__ rows, float* __restrict__ row_scales,
+                      int32_t* __restrict__ zero_counter) {
   StageKernelBegin(zero_counter);
   extern __shared__ int offs[];  // [E + 1]
   for (int g = threadIdx.x; g <= num_experts; g += blockDim.x) offs[g] = offsets[g];
