@@ -44,9 +44,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
                    int32_t* __restrict__ zero_counter) {
   StageKernelBegin(zero_counter);
   extern __shared__ int offs[];  // [G + 1]
-  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) offs[i] = offsets[i];
-  __syncthreads();
-  const int64_t valid_rows = min(static_cast<int64_t>(max(offs[num_groups], 0)), num_rows);
+  const int64_t valid_rows = LoadGroupOffsets(offsets, num_groups, offs, num_rows);
   const int64_t kb_count = inter / 128;
   const int64_t valid_units = valid_rows * kb_count;
   constexpr bool kGated = IsGatedActivation(ACT);
@@ -107,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
           g_hi = grp >= 0 ? offs[grp + 1] : 0;
         }
         if (grp >= 0 && r >= g_lo && r < g_hi) {
-          const int64_t idx = g_lo * kb_count + kb * (g_hi - g_lo) + (r - g_lo);
+          const int64_t idx = GroupedScaleIndex(g_lo, g_hi, r, kb, kb_count);
           if (idx >= 0 && idx < num_rows * kb_count) scales[idx] = s;
         }
       }

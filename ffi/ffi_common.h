@@ -163,6 +163,23 @@ __device__ __forceinline__ int FindGroup(const int* offsets, int num_groups, int
   return lo - 1;
 }
 
+// A block's copy of the group offsets [num_groups + 1] in shared memory `offs` (all threads
+// call it; it syncs) and the rows they cover, offsets[num_groups] clamped to [0, num_rows].
+__device__ __forceinline__ int64_t LoadGroupOffsets(const int32_t* offsets, int num_groups, int* offs,
+                                                    int64_t num_rows) {
+  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) offs[i] = offsets[i];
+  __syncthreads();
+  return min(static_cast<int64_t>(max(offs[num_groups], 0)), num_rows);
+}
+
+// Index of the scale of row r (in group [g0, g1)) and 128-column block kb in the grouped
+// MN-major layout of a buffer with kb_count blocks per row: group g's scales form a
+// [kb_count, g1 - g0] row-major block starting at g0 * kb_count.
+__device__ __forceinline__ int64_t GroupedScaleIndex(int64_t g0, int64_t g1, int64_t r, int64_t kb,
+                                                     int64_t kb_count) {
+  return g0 * kb_count + kb * (g1 - g0) + (r - g0);
+}
+
 __device__ __forceinline__ float GeluTanh(float x) {
   // 0.5 * x * (1 + tanh(c * (x + 0.044715 * x * x * x))), evaluated left to right like the
   // reference.

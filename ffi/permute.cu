@@ -241,10 +241,8 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
   int* offs = smem;                            // [E + 1]
   int* slot_row = smem + num_experts + 1;      // [k]: the row of each slot of the token, -1: not local
   int* slot_group = slot_row + top_k;          // [k]: its local expert
-  for (int g = threadIdx.x; g <= num_experts; g += blockDim.x) offs[g] = offsets[g];
-  __syncthreads();
   const int64_t num_rows = num_tokens * top_k;
-  const int64_t valid_rows = min(static_cast<int64_t>(max(offs[num_experts], 0)), num_rows);
+  const int64_t valid_rows = LoadGroupOffsets(offsets, num_experts, offs, num_rows);
   const int64_t kb_count = hidden_size / 128;
   const int64_t vecs = hidden_size / 16;
   constexpr int64_t kChunk = kPermuteBatch * kPermuteThreads;  // vectors per batch of the block
@@ -284,8 +282,7 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
         const int32_t r = slot_row[j];
         if (r < 0) continue;
         const int g = slot_group[j];
-        const int64_t g0 = offs[g];
-        const int64_t idx = g0 * kb_count + kb * (offs[g + 1] - g0) + (r - g0);
+        const int64_t idx = GroupedScaleIndex(offs[g], offs[g + 1], r, kb, kb_count);
         if (idx >= 0 && idx < num_rows * kb_count) row_scales[idx] = sc;
       }
     }
@@ -307,10 +304,8 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
                       int32_t* __restrict__ zero_counter) {
   StageKernelBegin(zero_counter);
   extern __shared__ int offs[];  // [E + 1]
-  for (int g = threadIdx.x; g <= num_experts; g += blockDim.x) offs[g] = offsets[g];
-  __syncthreads();
   const int64_t num_rows = num_tokens * top_k;
-  const int64_t valid_rows = min(static_cast<int64_t>(max(offs[num_experts], 0)), num_rows);
+  const int64_t valid_rows = LoadGroupOffsets(offsets, num_experts, offs, num_rows);
   const int64_t kb_count = hidden_size / 128;
   const int64_t vecs = hidden_size / 16;
   int64_t r = blockIdx.x;
@@ -339,10 +334,8 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
       }
       const int g = FindGroup(offs, num_experts, r);
       if (g >= 0) {
-        const int64_t g0 = offs[g];
-        const int64_t mg = offs[g + 1] - g0;
         for (int64_t kb = threadIdx.x; kb < kb_count; kb += kPermuteThreads) {
-          const int64_t idx = g0 * kb_count + kb * mg + (r - g0);
+          const int64_t idx = GroupedScaleIndex(offs[g], offs[g + 1], r, kb, kb_count);
           const float sc = kb < kPermuteThreads ? first_scale : hidden_scale[kb * num_tokens + tok];
           if (idx >= 0 && idx < num_rows * kb_count) row_scales[idx] = sc;
         }
