@@ -1,9 +1,10 @@
 // jax_moe_act_quant: activation of the GEMM1 output in float32 and FP8 re-quantization per
 // 1x128 block (SPEC section 3 steps 3-4). The GEMM1 output is float32 (what the pipeline passes)
-// or bfloat16; the math is the same float32 either way. A half warp handles one (row, 128-block):
-// 16 lanes of 8 values each (one 16-byte bf16 load or two float4 loads), amax by shuffles
-// within the half warp. Only rows below expert_offsets[E_loc] (read on the device) are
-// processed; scales go to the grouped MN-major layout.
+// or bfloat16; the math is the same float32 either way. A group of lanes handles one (row,
+// 128-block), each lane 32 bytes of the input and 32 of the gate half (float32: 16 lanes of 8
+// values; bfloat16: 8 lanes of 16 values), so a lane has the same bytes in flight for either
+// type; amax by shuffles within the group. Only rows below expert_offsets[E_loc] (read on the
+// device) are processed; scales go to the grouped MN-major layout.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -19,20 +20,55 @@ namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kThreads = 256;
-constexpr int kUnitsPerBlock = kThreads / 16;  // one (row, block) unit per half warp
-constexpr int kBlocksPerSm = 5;  // resident at once (launch bounds), so the grid below is one wave
 constexpr int kMaxGroups = 4096;
+constexpr int kLaneBytes = 32;  // input bytes per lane and half (x, gate)
 
-// 8 consecutive values at p (16-byte aligned for bf16, 32-byte for float) -> float32.
-__device__ __forceinline__ void Load8(const __nv_bfloat16* p, float* f) {
-  UnpackBf16x8(*reinterpret_cast<const uint4*>(p), f);
+// Values per lane and lanes per (row, 128-block) for input element type T.
+template <class T> constexpr int kLaneValues = kLaneBytes / static_cast<int>(sizeof(T));
+template <class T> constexpr int kUnitLanes = 128 / kLaneValues<T>;
+template <class T> constexpr int kUnitsPerBlock = kThreads / kUnitLanes<T>;
+// Blocks resident at once (launch bounds: the grid below is one wave), 64 registers each.
+constexpr int kBlocksPerSm = 4;
+
+// A lane's 32 bytes as loaded (float32: 8 values, bfloat16: 16), and as float32.
+template <class T> struct LaneBytes;
+template <> struct LaneBytes<float> { float4 lo, hi; };
+template <> struct LaneBytes<__nv_bfloat16> { uint4 lo, hi; };
+
+template <class T>
+__device__ __forceinline__ LaneBytes<T> LoadLane(const T* p) {
+  using V = decltype(LaneBytes<T>::lo);
+  const V* v = reinterpret_cast<const V*>(p);
+  return {v[0], v[1]};
 }
 
-__device__ __forceinline__ void Load8(const float* p, float* f) {
-  const float4 lo = reinterpret_cast<const float4*>(p)[0];
-  const float4 hi = reinterpret_cast<const float4*>(p)[1];
-  f[0] = lo.x, f[1] = lo.y, f[2] = lo.z, f[3] = lo.w;
-  f[4] = hi.x, f[5] = hi.y, f[6] = hi.z, f[7] = hi.w;
+__device__ __forceinline__ void ToFloats(const LaneBytes<__nv_bfloat16>& b, float* f) {
+  UnpackBf16x8(b.lo, f);
+  UnpackBf16x8(b.hi, f + 8);
+}
+
+__device__ __forceinline__ void ToFloats(const LaneBytes<float>& b, float* f) {
+  f[0] = b.lo.x, f[1] = b.lo.y, f[2] = b.lo.z, f[3] = b.lo.w;
+  f[4] = b.hi.x, f[5] = b.hi.y, f[6] = b.hi.z, f[7] = b.hi.w;
+}
+
+// A lane's N (8 or 16) values a / s as fp8 -> q (N-byte aligned).
+template <int N>
+__device__ __forceinline__ void StoreFp8(const float* a, float s, __nv_fp8_storage_t* q) {
+  static_assert(N == 8 || N == 16, "8 or 16 values per lane");
+  uint32_t w[N / 4];  // packed by shifts: a byte array would live in local memory
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    w[i] = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      w[i] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(a[4 * i + j] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * j);
+  }
+  if constexpr (N == 8) {
+    *reinterpret_cast<uint2*>(q) = make_uint2(w[0], w[1]);
+  } else {
+    *reinterpret_cast<uint4*>(q) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
 }
 
 // T: element type of the GEMM1 output, __nv_bfloat16 or float.
@@ -42,6 +78,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
                    int num_groups, int64_t num_rows, int64_t inter,
                    __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scales,
                    int32_t* __restrict__ zero_counter) {
+  constexpr int kValues = kLaneValues<T>;
+  constexpr int kLanes = kUnitLanes<T>;
+  constexpr int kUnits = kUnitsPerBlock<T>;
   StageKernelBegin(zero_counter);
   extern __shared__ int offs[];  // [G + 1]
   const int64_t valid_rows = LoadGroupOffsets(offsets, num_groups, offs, num_rows);
@@ -49,55 +88,52 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int64_t valid_units = valid_rows * kb_count;
   constexpr bool kGated = IsGatedActivation(ACT);
   const int64_t in_cols = kGated ? 2 * inter : inter;
-  const int half = (threadIdx.x & 31) >> 4;
-  const int sub = threadIdx.x & 15;
-  const int my_unit = (threadIdx.x >> 5) * 2 + half;
+  const int sub = threadIdx.x % kLanes;
+  const int my_unit = threadIdx.x / kLanes;
 
   // Each block takes a contiguous, balanced share of the valid units (the count is known only
-  // here), kUnitsPerBlock per step, so a lane's rows advance slowly and its cached group of the
-  // scale layout rarely changes.
-  const int64_t steps = (valid_units + kUnitsPerBlock - 1) / kUnitsPerBlock;
+  // here), kUnits per step, so a lane's rows advance slowly and its cached group of the scale
+  // layout rarely changes.
+  const int64_t steps = (valid_units + kUnits - 1) / kUnits;
   const int64_t steps_per_block = (steps + gridDim.x - 1) / gridDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * steps_per_block * kUnitsPerBlock;
-  const int64_t last = min(first + steps_per_block * kUnitsPerBlock, valid_units);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * steps_per_block * kUnits;
+  const int64_t last = min(first + steps_per_block * kUnits, valid_units);
   int64_t unit = first + my_unit;
-  int64_t r = unit / kb_count;
-  int64_t kb = unit % kb_count;
-  const int64_t d_r = kUnitsPerBlock / kb_count;
-  const int64_t d_kb = kUnitsPerBlock % kb_count;
+  // the lane's row and 128-block (rows < 2^31: T * k is checked by the plan)
+  int r = static_cast<int>(unit / kb_count);
+  int kb = static_cast<int>(unit % kb_count);
+  const int d_r = static_cast<int>(kUnits / kb_count);
+  const int d_kb = static_cast<int>(kUnits % kb_count);
   int64_t g_lo = 0, g_hi = 0;  // cached group [g_lo, g_hi) of the scale layout (empty: none)
   int grp = -1;
 
   // Uniform trip count for the whole block (every lane reaches every shuffle).
-  for (int64_t base = first; base < last; base += kUnitsPerBlock) {
+  for (int64_t base = first; base < last; base += kUnits) {
     const bool valid = unit < last;
-    const int64_t col = kb * 128 + sub * 8;
-    float a[8];
+    const int64_t offset = static_cast<int64_t>(r) * inter + kb * 128 + sub * kValues;  // in q
+    float a[kValues];
     if (valid) {
-      const T* row = g + r * in_cols;
-      float x[8];
-      Load8(row + col, x);
-      float gate[8] = {};
-      if (kGated) Load8(row + inter + col, gate);
+      const T* src = g + static_cast<int64_t>(r) * in_cols + kb * 128 + sub * kValues;
+      const LaneBytes<T> xb = LoadLane(src);
+      LaneBytes<T> gb;
+      if (kGated) gb = LoadLane(src + inter);
+      float x[kValues], gate[kValues] = {};
+      ToFloats(xb, x);
+      if (kGated) ToFloats(gb, gate);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] = Activate<ACT>(x[i], gate[i]);
+      for (int i = 0; i < kValues; ++i) a[i] = Activate<ACT>(x[i], gate[i]);
     } else {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] = 0.0f;
+      for (int i = 0; i < kValues; ++i) a[i] = 0.0f;
     }
     float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(a[i]));
+    for (int i = 0; i < kValues; ++i) amax = fmaxf(amax, fabsf(a[i]));
 #pragma unroll
-    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
+    for (int o = kLanes / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
     if (valid) {
       const float s = fmaxf(amax / 448.0f, FLT_MIN);
-      uint2 packed;
-      uint8_t* pb = reinterpret_cast<uint8_t*>(&packed);
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        pb[i] = __nv_cvt_float_to_fp8(a[i] / s, __NV_SATFINITE, __NV_E4M3);
-      *reinterpret_cast<uint2*>(q + r * inter + col) = packed;
+      StoreFp8<kValues>(a, s, q + offset);
       if (sub == 0) {
         if (r < g_lo || r >= g_hi) {
           grp = FindGroup(offs, num_groups, r);
@@ -110,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         }
       }
     }
-    unit += kUnitsPerBlock;
+    unit += kUnits;
     kb += d_kb;
     r += d_r;
     if (kb >= kb_count) {
@@ -180,10 +216,13 @@ ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi
   JAX_MOE_RETURN_IF_ERROR(CheckShape(scales, "act_quant scales (output)", {m * inter / 128}));
   if (m == 0 || inter == 0) return ffi::Error::Success();
 
-  const unsigned grid = GridStrideBlocks(m * (inter / 128), kUnitsPerBlock, kBlocksPerSm);  // (row, block) units
+  const bool f32 = g_type == ffi::DataType::F32;
+  const unsigned grid = GridStrideBlocks(m * (inter / 128),  // (row, block) units, one wave
+                                         f32 ? kUnitsPerBlock<float> : kUnitsPerBlock<__nv_bfloat16>,
+                                         kBlocksPerSm);
   const size_t smem = (num_groups + 1) * sizeof(int);
   auto* qp = static_cast<__nv_fp8_storage_t*>(q.untyped_data());
-  auto launch = g_type == ffi::DataType::F32 ? LaunchActQuant<float> : LaunchActQuant<__nv_bfloat16>;
+  auto launch = f32 ? LaunchActQuant<float> : LaunchActQuant<__nv_bfloat16>;
   launch(stream, grid, smem, activation, g.untyped_data(), offsets.typed_data(), num_groups, m,
          inter, qp, scales.typed_data(), zero_counter);
   JAX_MOE_CHECK_LAUNCH("jax_moe_act_quant kernel launch");

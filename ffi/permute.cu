@@ -246,10 +246,17 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
   const int64_t kb_count = hidden_size / 128;
   const int64_t vecs = hidden_size / 16;
   constexpr int64_t kChunk = kPermuteBatch * kPermuteThreads;  // vectors per batch of the block
-  for (int64_t tok = blockIdx.x; tok < num_tokens; tok += gridDim.x) {
+  // The rows of the block's next token are loaded ahead (thread j < top_k: slot j), so a token
+  // waits for one global round trip (its data), not two.
+  int64_t tok = blockIdx.x;
+  int32_t next_row = tok < num_tokens && threadIdx.x < top_k ? slot_to_row[tok * top_k + threadIdx.x] : -1;
+  for (; tok < num_tokens; tok += gridDim.x) {
+    const int32_t my_row = next_row;
+    const int64_t next_tok = tok + gridDim.x;
+    next_row = next_tok < num_tokens && threadIdx.x < top_k ? slot_to_row[next_tok * top_k + threadIdx.x] : -1;
     int any_local = 0;
     for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
-      const int32_t r = slot_to_row[tok * top_k + j];
+      const int32_t r = j == static_cast<int>(threadIdx.x) ? my_row : slot_to_row[tok * top_k + j];
       const int g = r >= 0 && r < valid_rows ? FindGroup(offs, num_experts, r) : -1;
       slot_row[j] = g >= 0 ? r : -1;
       slot_group[j] = g;
