@@ -29,7 +29,6 @@ WORKLOADS = {  # name: (T, local experts)
     "ep": [(64, 32), (512, 32), (4096, 32), (16384, 32)],
     "prefill": [(2048, 256), (8192, 256)],
 }
-GEMM1_DTYPE = jnp.float32  # what api's stage driver uses for GEMM1's output
 ROUTE_KW = dict(top_k=K, n_group=N_GROUP, topk_group=TOPK_GROUP, routed_scaling_factor=RSF,
                 routing_method_type=jax_moe.RoutingMethodType.DeepSeekV3)
 
@@ -87,8 +86,8 @@ def stage_times(inp, e_loc, reps, tokens):
     perm = jax.jit(lambda x, s, p: ops.permute(x, s, p, K))
     rows, rs = perm(xq, xs, p)
     rpg = api.expected_rows_per_expert(logits.shape[0], K, E)  # the op's tile, not M/G of the slice
-    gemm1 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(r, s, w, ws, p, out_dtype=GEMM1_DTYPE,
-                                                            rows_per_group=rpg))
+    gemm1 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(  # split, as the op above 64 rows
+        r, s, w, ws, p, out_dtype=jnp.dtype(ops.GEMM1_SPLIT_DTYPE), rows_per_group=rpg))
     g = gemm1(rows, rs, w1, w1s, p)
     aq = jax.jit(lambda g, p: ops.act_quant(g, p, jax_moe.ActivationType.Swiglu))
     q, qs = aq(g, p)
