@@ -110,25 +110,27 @@ def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc
     assert _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc) == [gemm1, gemm2]
 
 
-def test_split_gemm1_output_is_bfloat16(monkeypatch):
-    """Above 64 rows per expert GEMM1 runs split (CUTLASS, then act_quant) with a bfloat16
-    output (ops.GEMM1_SPLIT_DTYPE: half the bytes of float32 through HBM, SPEC 3 step 2);
-    GEMM2's output is bfloat16 too, so every grouped GEMM of the op writes bfloat16."""
+def test_split_gemm1_output_dtype(monkeypatch):
+    """Above 64 rows per expert GEMM1 runs split (CUTLASS, then act_quant) with the output dtype
+    ops.GEMM1_SPLIT_DTYPE: float32 by default (the rounding point every path shares), bfloat16
+    when set; GEMM2 writes bfloat16 either way."""
     monkeypatch.delenv(ops.TILE_ENV, raising=False)
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
     monkeypatch.setattr(_native, "register_targets", lambda: None)
     t, e, h, i, k = 4096, 256, 256, 128, 8
     ids = jnp.asarray(np.random.default_rng(1).integers(0, e, (t, k)), jnp.int32)
-    fn = functools.partial(api.run_experts, ops, num_experts=e, local_expert_offset=0,
-                           activation_type=jax_moe.ActivationType.Swiglu, do_finalize=True)
-    text = jax.jit(fn).lower(
-        ids, jnp.full((t, k), 0.125, jnp.bfloat16), jnp.zeros((t, h), FP8), jnp.ones((h // 128, t), jnp.float32),
-        jnp.zeros((32, 2 * i, h), FP8), jnp.ones((32, 2 * i // 128, h // 128), jnp.float32),
-        jnp.zeros((32, h, i), FP8), jnp.ones((32, h // 128, i // 128), jnp.float32)).as_text()
-    outs = [line.split("->")[-1] for line in text.splitlines() if "@jax_moe_grouped_gemm" in line]
-    assert len(outs) == 2, outs
-    assert f"tensor<{t * k}x{2 * i}xbf16>" in outs[0], outs[0]  # GEMM1: [T*k, 2I]
-    assert f"tensor<{t * k}x{h}xbf16>" in outs[1], outs[1]      # GEMM2: [T*k, H]
+    args = (ids, jnp.full((t, k), 0.125, jnp.bfloat16), jnp.zeros((t, h), FP8), jnp.ones((h // 128, t), jnp.float32),
+            jnp.zeros((32, 2 * i, h), FP8), jnp.ones((32, 2 * i // 128, h // 128), jnp.float32),
+            jnp.zeros((32, h, i), FP8), jnp.ones((32, h // 128, i // 128), jnp.float32))
+    for dtype, tag in (("float32", "f32"), ("bfloat16", "bf16")):
+        monkeypatch.setattr(ops, "GEMM1_SPLIT_DTYPE", dtype)  # read at trace time: a fresh function
+        fn = functools.partial(api.run_experts, ops, num_experts=e, local_expert_offset=0,
+                               activation_type=jax_moe.ActivationType.Swiglu, do_finalize=True)
+        text = jax.jit(fn).lower(*args).as_text()
+        outs = [line.split("->")[-1] for line in text.splitlines() if "@jax_moe_grouped_gemm" in line]
+        assert len(outs) == 2, outs
+        assert f"tensor<{t * k}x{2 * i}x{tag}>" in outs[0], outs[0]  # GEMM1: [T*k, 2I]
+        assert f"tensor<{t * k}x{h}xbf16>" in outs[1], outs[1]      # GEMM2: [T*k, H]
 
 
 def test_pipeline_env_overrides(monkeypatch):
