@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int64_t first = static_cast<int64_t>(blockIdx.x) * steps_per_block * kUnits;
   const int64_t last = min(first + steps_per_block * kUnits, valid_units);
   int64_t unit = first + my_unit;
-  // the lane's row and 128-block (rows < 2^31: T * k is checked by the plan)
+  // the lane's row and 128-block (rows < 2^31, checked by ActQuantStage)
   int r = static_cast<int>(unit / kb_count);
   int kb = static_cast<int>(unit % kb_count);
   const int d_r = static_cast<int>(kUnits / kb_count);
@@ -201,6 +201,7 @@ ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi
   }
   const int64_t m = g.dimensions()[0];
   const int64_t n = g.dimensions()[1];
+  if (m > 0x7fffffffLL) return InvalidArgument("jax_moe_act_quant: gemm1 output: rows must be < 2^31");
   const int64_t inter = gated ? n / 2 : n;
   if ((gated && n % 2 != 0) || inter % 128 != 0) {
     return InvalidArgument(std::string("jax_moe_act_quant: gemm1 output: columns must be ") +
