@@ -127,7 +127,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     case kMiniMax2:
 #pragma unroll
       for (int i = 0; i < S; ++i) {
-        int e = i * 32 + lane;
         float s = Sigmoid(sel[i]);
         aux[i] = s;
         sel[i] = (present & (1u << i)) ? s + bias_e[i] : 0.0f;
