@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_moe
-from jax_moe import api, ops
+from jax_moe import api, ops, reference
 from jax_moe.testing import device_time, median_time, random_moe_inputs
 
 H, I, E, K, N_GROUP, TOPK_GROUP, RSF = 7168, 2048, 256, 8, 8, 4, 2.5
@@ -87,7 +87,7 @@ def stage_times(inp, e_loc, reps, tokens):
     rows, rs = perm(xq, xs, p)
     rpg = api.expected_rows_per_expert(logits.shape[0], K, E)  # the op's tile, not M/G of the slice
     gemm1 = jax.jit(lambda r, s, w, ws, p: ops.grouped_gemm(  # split, as the op above 64 rows
-        r, s, w, ws, p, out_dtype=jnp.dtype(ops.GEMM1_SPLIT_DTYPE), rows_per_group=rpg))
+        r, s, w, ws, p, out_dtype=reference.G_DTYPE, rows_per_group=rpg))
     g = gemm1(rows, rs, w1, w1s, p)
     aq = jax.jit(lambda g, p: ops.act_quant(g, p, jax_moe.ActivationType.Swiglu))
     q, qs = aq(g, p)

@@ -241,15 +241,16 @@ __device__ __forceinline__ int BBoxRow(int i, int n0, int p, int n_out) {
 
 // Step 3 on a warpgroup's 64 x 128 accumulators into act (the layout of a 128-column
 // accumulator: act[4j + q] is column 8j + 2 (lane % 4) + (q & 1), row + 8 (q >> 1)). Gated: the
-// first 64 columns of acc are up, the last 64 gate, giving 32 values at act[0..31].
+// first 64 columns of acc are up, the last 64 gate, giving 32 values at act[0..31]. g is rounded
+// to bfloat16 first, the rounding point every path shares (reference.G_DTYPE, SPEC 3 step 2).
 template <int ACT, int EPI>
 __device__ __forceinline__ void ActivateTile(const float (&acc)[64], float* act) {
   if (EPI == kActGated) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) act[i] = Activate<ACT>(acc[i], acc[32 + i]);  // up, gate
+    for (int i = 0; i < 32; ++i) act[i] = Activate<ACT>(RoundToBf16(acc[i]), RoundToBf16(acc[32 + i]));  // up, gate
   } else {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) act[i] = Activate<ACT>(acc[i], 0.0f);
+    for (int i = 0; i < 64; ++i) act[i] = Activate<ACT>(RoundToBf16(acc[i]), 0.0f);
   }
 }
 

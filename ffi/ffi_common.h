@@ -201,6 +201,9 @@ __device__ __forceinline__ float Activate(float x, float gate) {
   return x;
 }
 
+// x rounded to the nearest bfloat16 (ties to even), as float32.
+__device__ __forceinline__ float RoundToBf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
 // float32 value of a float or bfloat16 element (exact).
 __device__ __forceinline__ float ToFloat(float x) { return x; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -100,9 +100,7 @@ def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_sca
         return MoEOutputs(jnp.zeros((0, k, h), jnp.bfloat16), topk_weights, topk_ids)
     e_loc = gemm1_weights.shape[0]
     plan = stages.plan(topk_ids, e_loc, expert_offset=local_expert_offset, num_experts=num_experts)
-    # GEMM1's output stays float32 (SPEC 3 step 2 allows, not requires, rounding it to bf16): a
-    # bf16 rounding there turns the ~1e-4 accumulation-order differences between backends into
-    # flipped FP8 codes in the re-quantization (one fp8 ulp is 6-12 %).
+    # GEMM1's output is rounded to bf16 on every path (reference.G_DTYPE, SPEC 3 step 2).
     rows_per_group = expected_rows_per_expert(t, k, num_experts)  # sets the GEMM tile
     y = stages.expert_gemms(hidden_states, hidden_states_scale, plan, k, gemm1_weights,
                             gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, activation_type,

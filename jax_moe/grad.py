@@ -11,8 +11,8 @@ Design
 * Backward (pure JAX, `reference.plan/permute` + a tiled pass over the expert-grouped rows):
   recomputes GEMM1 -> activation -> re-quantization -> GEMM2 one tile of rows at a time (each
   tile belongs to one expert), and takes the VJP of that tile's float math with the rounding
-  points (FP8 re-quantization, bf16 GEMM2 output, bf16 routing weights; GEMM1's output stays
-  float32 as in the forward) passed straight through
+  points (bf16 GEMM1 output, FP8 re-quantization, bf16 GEMM2 output, bf16 routing weights)
+  passed straight through
   (their values are the forward's, their derivative is the identity). Per tile it produces the
   row cotangents and the tile's contribution to the weight-scale cotangents (dW ⊙ fp8(W),
   summed per 128x128 block), which are added per expert. Memory: O(rows x H) for the row
@@ -209,8 +209,8 @@ def _backward_body(cfg, chunks, ids, weights, hidden, hidden_scale, w1, s1, w2, 
             W2 = quant.dequantize_weights(q2, s2[e])
 
             def f(x, W1, W2):
-                g = jnp.dot(x, W1.T, precision=jax.lax.Precision.HIGHEST,
-                            preferred_element_type=jnp.float32)  # float32, like the forward
+                g = _bf16_ste(jnp.dot(x, W1.T, precision=jax.lax.Precision.HIGHEST,
+                                      preferred_element_type=jnp.float32))  # like the forward
                 a = _requant_ste(reference.activation(g, act))
                 return _bf16_ste(jnp.dot(a, W2.T, precision=jax.lax.Precision.HIGHEST,
                                          preferred_element_type=jnp.float32))

@@ -192,7 +192,7 @@ def grouped_gemm(rows, row_scales, weights, weight_scales, p: Plan, out_dtype=jn
 
 # --------------------------------------------------------------------------- activation
 def act_quant(g, p: Plan, activation_type):
-    """`jax_moe_act_quant`: GEMM1 output float32 (what the pipeline passes) or bf16 [M, 2I]
+    """`jax_moe_act_quant`: GEMM1 output bf16 (what the pipeline passes) or float32 [M, 2I]
     (gated) or [M, I] -> (fp8 [M, I], scales f32 [M*I/128] grouped MN-major). The activation is
     computed in float32 either way. Only rows below offsets[E_loc] are processed."""
     m, n = g.shape
@@ -208,18 +208,11 @@ GEMM1_ENV = "JAX_MOE_GEMM1"
 GEMM1_MODES = ("auto", "fused", "fused128", "fused64", "split")
 GEMM1_BLOCK_M = (128, 64)  # row tiles of the fused kernel: own128 or own64
 GEMM1_FUSED_BLOCK_M = 64  # mode "fused" and "auto": 64 x 256 tiles pad each group's rows to 64
-# The split GEMM1's output, act_quant's input. float32: the rounding point every path shares
-# (SPEC 3 step 2; the fused epilogue, the stage pairs and the pure-JAX path keep g in float32).
-# "bfloat16" halves what the GEMM writes and act_quant reads -- H100, seventeenth session,
-# device time per op float32 -> bfloat16: prefill T=8192 9147 -> 8855 us, EP T=4096 763 -> 735,
-# EP T=16384 1981 -> 1987 -- but alone it moves the CUDA path 1.4e-2 from the pure-JAX one
-# (test_gpu_moe's bound: 1e-2), so it needs the same rounding in every path first.
-GEMM1_SPLIT_DTYPE = "float32"
 
 
 def gemm1_fused_for(rows_per_group, num_groups):
     """Whether "auto" runs the pipeline's GEMM1 with the activation and re-quantization fused
-    into its epilogue (`jax_moe_gemm1_act_quant`) rather than as grouped_gemm (float32 out) +
+    into its epilogue (`jax_moe_gemm1_act_quant`) rather than as grouped_gemm (bfloat16 out) +
     act_quant. On an H100 (tools/tile_sweep.py, benchmarks/RESULTS.md, ninth session) fused
     64 x 256 tiles win from 17 to 64 rows per group (T=1024: 4.068 -> 4.014 ms, prefill T=2048
     4.494 -> 4.434); at <= 16 rows the split stages are 1-3 % faster, and above 64 rows the
@@ -231,7 +224,8 @@ def gemm1_act_quant_raw(a, a_scale, b, b_scale, expert_offsets, activation_type,
     """`jax_moe_gemm1_act_quant`: a fp8 [M, K], a_scale f32 [M*K/128] (grouped MN-major),
     b fp8 [G, N, K] (N = 2I gated, I otherwise), b_scale f32 [G, N/128, K/128], offsets int32
     [G+1] (G <= 512) -> (fp8 [M, I], scales f32 [M*I/128] grouped MN-major): act_quant of the
-    float32 grouped GEMM, computed in the GEMM's epilogue (no float32 [M, N] in memory). Rows
+    grouped GEMM (float32 accumulation, rounded to bfloat16 like the split GEMM1's output),
+    computed in the GEMM's epilogue (no [M, N] intermediate in memory). Rows
     past offsets[G] are not written. `block_m`: the own kernel's row tile, 128 (128 x 128
     tiles, two passes over K for gated activations) or 64 (64 x 256 tiles, one pass)."""
     if block_m not in GEMM1_BLOCK_M:
@@ -250,7 +244,7 @@ def gemm1_act_quant_raw(a, a_scale, b, b_scale, expert_offsets, activation_type,
 def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activation_type,
                     rows_per_group=None):
     """The pipeline's GEMM1 + act_quant stage: fused (`gemm1_act_quant_raw`) or split (grouped
-    GEMM with GEMM1_SPLIT_DTYPE output, then `act_quant`), by `gemm1_fused_for` unless
+    GEMM with bfloat16 output (reference.G_DTYPE), then `act_quant`), by `gemm1_fused_for` unless
     $JAX_MOE_GEMM1 says "fused" (row tile GEMM1_FUSED_BLOCK_M), "fused128", "fused64" or
     "split" (read at trace time). A tile forced by $JAX_MOE_GEMM_TILE means split, unless
     $JAX_MOE_GEMM1 says otherwise."""
@@ -261,7 +255,7 @@ def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activatio
         return gemm1_act_quant_raw(rows, row_scales, weights, weight_scales, p.expert_offsets,
                                    activation_type, block_m)
     h = grouped_gemm(rows, row_scales, weights, weight_scales, p,
-                     out_dtype=jnp.dtype(GEMM1_SPLIT_DTYPE), rows_per_group=rows_per_group)
+                     out_dtype=reference.G_DTYPE, rows_per_group=rows_per_group)
     return act_quant(h, p, activation_type)
 
 
@@ -345,7 +339,7 @@ def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weigh
     block_m = _OWN_BLOCK_M.get(_gemm_tile(None, rows_per_group, g))
     if pairs == "auto" and block_m and not _gemm1_fused_block_m(rows_per_group, g):
         h = permute_gemm(hidden_states, hidden_states_scale, p, top_k, gemm1_weights,
-                         gemm1_weights_scale, jnp.float32, block_m)
+                         gemm1_weights_scale, reference.G_DTYPE, block_m)
         return act_quant_gemm(h, p, activation_type, gemm2_weights, gemm2_weights_scale,
                               jnp.bfloat16, block_m)
     rows, row_scales = permute(hidden_states, hidden_states_scale, p, top_k)

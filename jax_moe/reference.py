@@ -5,10 +5,10 @@ against. Rows are grouped by expert and padded per expert to a tile of `tile_m` 
 tile multiplies one expert's weights: the work is proportional to the routed rows, and nothing of
 size [T, E_loc, H] (or dense over experts) is ever built.
 
-Rounding points (SPEC section 3): GEMM1 output kept in float32 (SPEC allows rounding it to
-bfloat16; both backends keep float32, see `api.run_experts`), activation in float32,
-re-quantization to fp8 per 128-block, GEMM2 output rounded to bfloat16, finalize summed in
-float32 and rounded to bfloat16.
+Rounding points (SPEC section 3): GEMM1 output (accumulated in float32) rounded to bfloat16
+(`G_DTYPE`; SPEC 3 step 2 allows it, and every backend and fused kernel rounds there), activation
+in float32, re-quantization to fp8 per 128-block, GEMM2 output rounded to bfloat16, finalize
+summed in float32 and rounded to bfloat16.
 """
 from typing import NamedTuple
 
@@ -18,6 +18,12 @@ import jax.numpy as jnp
 from . import quant
 from .enums import ActivationType as A
 from .routing import route_xla as route  # noqa: F401  (the route stage)
+
+# GEMM1's output g (SPEC 3 step 2: accumulated in float32, "may be rounded to bfloat16 before
+# step 3"). Every path rounds it: this pipeline, the CUDA split GEMM1 (which then writes and
+# act_quant reads half the bytes of float32: H100, prefill T=8192 ~3 % per op), the fused
+# GEMM1 + act_quant epilogue, the stage pairs and the backward pass's recomputation.
+G_DTYPE = jnp.bfloat16
 
 
 class Plan(NamedTuple):
@@ -166,8 +172,9 @@ def act_quant(g, p: Plan, activation_type):
 
 def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activation_type,
                     rows_per_group=None):
-    """Steps 2-4: GEMM1 in float32, then `act_quant` (the CUDA stage may fuse the two)."""
-    g = grouped_gemm(rows, row_scales, weights, weight_scales, p, out_dtype=jnp.float32,
+    """Steps 2-4: GEMM1 (float32 accumulation, output rounded to G_DTYPE), then `act_quant` (the
+    CUDA stage may fuse the two)."""
+    g = grouped_gemm(rows, row_scales, weights, weight_scales, p, out_dtype=G_DTYPE,
                      rows_per_group=rows_per_group)
     return act_quant(g, p, activation_type)
 

@@ -169,9 +169,8 @@ def moe(ids, weights, hidden_fp8, hidden_scale, w1, w1s, w2, w2s, activation,
 
     ids [T, k] (any ints), weights [T, k] (used as given), hidden fp8 [T, H], hidden_scale
     [H/128, T], w1 fp8 [E_loc, 2I or I, H], w1s, w2 fp8 [E_loc, H, I], w2s.
-    rounding=True: fp8 re-quantization of the activation, GEMM2 out -> bf16, final output ->
-    bf16. GEMM1's output is not rounded: SPEC 3 step 2 allows but does not require bf16 there,
-    and the library keeps it in float32 (which float64 matches up to the accumulation order).
+    rounding=True: GEMM1 out -> bf16 (SPEC 3 step 2 allows it; the library rounds there on
+    every path), fp8 re-quantization of the activation, GEMM2 out -> bf16, final output -> bf16.
     rounding=False: exact float64 after dequantizing the inputs.
     Returns out [T, H] (do_finalize) or the unweighted expert outputs [T, k, H].
     """
@@ -189,7 +188,9 @@ def moe(ids, weights, hidden_fp8, hidden_scale, w1, w1s, w2, w2s, activation,
             le = ids[r, j] - local_expert_offset
             if not 0 <= le < e_loc:
                 continue
-            g = W1[le] @ x[r]  # float32 in the library, not rounded to bf16
+            g = W1[le] @ x[r]
+            if rounding:
+                g = to_bf16(g)
             a = _activation(g, activation)
             if rounding:
                 q, s = quantize_rows(a[None, :])

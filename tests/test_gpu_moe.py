@@ -250,8 +250,8 @@ def test_cuda_graph_capture_and_replay(gemm1):
 
 @pytest.mark.parametrize("tile", sorted(jax_moe.ops.GEMM_TILES))
 def test_every_gemm_tile_in_the_pipeline(monkeypatch, tile):
-    """The whole op with both GEMMs forced to each tile config (the own kernel's float32 GEMM1
-    output feeding act_quant, its bf16 GEMM2 output feeding finalize), ~75 rows per expert so
+    """The whole op with both GEMMs forced to each tile config (the GEMM1 output in bfloat16
+    feeding act_quant, its bf16 GEMM2 output feeding finalize), ~75 rows per expert so
     that groups end inside half tiles, against the pure-JAX path."""
     monkeypatch.setenv(jax_moe.ops.TILE_ENV, tile)
     jax.clear_caches()  # the variable is read when the op is traced
@@ -339,7 +339,7 @@ def test_act_quant_gemm_equals_act_quant_then_gemm(block_m, act, t, k, e_loc):
     from jax_moe.enums import is_gated
     i, n = 256, 384
     p, _, _, w, ws = _pair_operands(2 * t + k, t, k, e_loc, i, n)
-    g = jax.random.normal(jax.random.PRNGKey(t), (t * k, 2 * i if is_gated(act) else i), jnp.float32)
+    g = jax.random.normal(jax.random.PRNGKey(t), (t * k, 2 * i if is_gated(act) else i), jnp.bfloat16)
     d = jax.jit(ops.act_quant_gemm, static_argnums=(2, 5, 6))(g, p, act, w, ws, jnp.bfloat16, block_m)
     q, q_scales = ops.act_quant(g, p, act)
     ref = ops.grouped_gemm_raw(q, q_scales, w, ws, p.expert_offsets, jnp.bfloat16, tile=f"own{block_m}")

@@ -332,7 +332,7 @@ def test_act_quant(act, inter):
     _check_act_quant(act, inter, jnp.bfloat16)
 
 
-# float32 GEMM1 output: what the pipeline passes (api.run_experts)
+# float32 GEMM1 output (the pipeline passes bfloat16, reference.G_DTYPE; the stage takes both)
 @pytest.mark.parametrize("act,inter", [(A.Swiglu, 128), (A.Swiglu, 2048), (A.Geglu, 384),
                                        (A.Relu2, 384), (A.Identity, 128)],
                          ids=lambda v: v.name if isinstance(v, A) else str(v))

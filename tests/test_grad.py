@@ -6,8 +6,8 @@ ids fixed. It is evaluated two ways:
   * `exact`: no rounding anywhere (the float math itself); the library must be within
     TOL_EXACT (the FP8 re-quantization it passes straight through costs a few percent, like
     the forward tolerance of SPEC section 3);
-  * `ste`: the forward's rounding points (bf16 routing weights, FP8 re-quantization, bf16
-    GEMM2 output; GEMM1's output stays float32 as in the library) applied to the values and
+  * `ste`: the forward's rounding points (bf16 routing weights, bf16 GEMM1 output, FP8
+    re-quantization, bf16 GEMM2 output) applied to the values and
     passed straight through in the derivative, which is exactly the rule the library
     implements: rel <= TOL_STE (only float32 vs float64 arithmetic differs, and the occasional
     rounding it flips).
@@ -149,7 +149,8 @@ def oracle_moe(p, c, ids, *, act, ste, method=None, rsf=None, offset=0, do_final
     loc = ids - offset
     here = (loc >= 0) & (loc < e_loc)
     loc = jnp.where(here, loc, 0)
-    g = jnp.einsum("tknh,th->tkn", W1[loc], x)  # not rounded: the library keeps it float32
+    g = jnp.einsum("tknh,th->tkn", W1[loc], x)
+    g = _round_ste(g, _bf16(g), ste)
     a = _act64(g, act)
     a = _round_ste(a, _requant(a), ste)
     y = jnp.einsum("tkhi,tki->tkh", W2[loc], a)

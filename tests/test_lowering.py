@@ -111,9 +111,9 @@ def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc
 
 
 def test_split_gemm1_output_dtype(monkeypatch):
-    """Above 64 rows per expert GEMM1 runs split (CUTLASS, then act_quant) with the output dtype
-    ops.GEMM1_SPLIT_DTYPE: float32 by default (the rounding point every path shares), bfloat16
-    when set; GEMM2 writes bfloat16 either way."""
+    """Above 64 rows per expert GEMM1 runs split (CUTLASS, then act_quant) and writes g in
+    bfloat16, the rounding point every path shares (reference.G_DTYPE, SPEC 3 step 2): half the
+    bytes of float32 between GEMM1 and act_quant. GEMM2 writes bfloat16."""
     monkeypatch.delenv(ops.TILE_ENV, raising=False)
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
     monkeypatch.setattr(_native, "register_targets", lambda: None)
@@ -122,15 +122,21 @@ def test_split_gemm1_output_dtype(monkeypatch):
     args = (ids, jnp.full((t, k), 0.125, jnp.bfloat16), jnp.zeros((t, h), FP8), jnp.ones((h // 128, t), jnp.float32),
             jnp.zeros((32, 2 * i, h), FP8), jnp.ones((32, 2 * i // 128, h // 128), jnp.float32),
             jnp.zeros((32, h, i), FP8), jnp.ones((32, h // 128, i // 128), jnp.float32))
-    for dtype, tag in (("float32", "f32"), ("bfloat16", "bf16")):
-        monkeypatch.setattr(ops, "GEMM1_SPLIT_DTYPE", dtype)  # read at trace time: a fresh function
-        fn = functools.partial(api.run_experts, ops, num_experts=e, local_expert_offset=0,
-                               activation_type=jax_moe.ActivationType.Swiglu, do_finalize=True)
-        text = jax.jit(fn).lower(*args).as_text()
-        outs = [line.split("->")[-1] for line in text.splitlines() if "@jax_moe_grouped_gemm" in line]
-        assert len(outs) == 2, outs
-        assert f"tensor<{t * k}x{2 * i}x{tag}>" in outs[0], outs[0]  # GEMM1: [T*k, 2I]
-        assert f"tensor<{t * k}x{h}xbf16>" in outs[1], outs[1]      # GEMM2: [T*k, H]
+    fn = functools.partial(api.run_experts, ops, num_experts=e, local_expert_offset=0,
+                           activation_type=jax_moe.ActivationType.Swiglu, do_finalize=True)
+    text = jax.jit(fn).lower(*args).as_text()
+    outs = [line.split("->")[-1] for line in text.splitlines() if "@jax_moe_grouped_gemm" in line]
+    assert len(outs) == 2, outs
+    assert f"tensor<{t * k}x{2 * i}xbf16>" in outs[0], outs[0]  # GEMM1: [T*k, 2I]
+    assert f"tensor<{t * k}x{h}xbf16>" in outs[1], outs[1]      # GEMM2: [T*k, H]
+    act_ins = [line for line in text.splitlines() if "@jax_moe_act_quant" in line]
+    assert len(act_ins) == 1 and f"tensor<{t * k}x{2 * i}xbf16>" in act_ins[0], act_ins
+    # decode (<= 16 rows per expert): the pair permute + GEMM1 writes g in bfloat16 too
+    t = 16
+    small = (ids[:t], args[1][:t], args[2][:t], args[3][:, :t]) + args[4:]
+    text = jax.jit(fn).lower(*small).as_text()
+    pair = [line.split("->")[-1] for line in text.splitlines() if "@jax_moe_permute_gemm" in line]
+    assert len(pair) == 1 and f"tensor<{t * k}x{2 * i}xbf16>" in pair[0], pair
 
 
 def test_pipeline_env_overrides(monkeypatch):

@@ -7,7 +7,8 @@ benchmarks/bench_moe.py reports), measured *before* any profiling: CUPTI's hooks
 process and slow the host's dispatch afterwards (T=1 168 -> 268 us on an H100 host).
 
 Arms (in-process A/B): each `--arms` entry is a space-separated list of settings applied before
-its trace, `ops.NAME=value` (an attribute of jax_moe.ops, value parsed as a Python literal) or
+its trace, `ops.NAME=value` or `reference.NAME=value` (an attribute of jax_moe.ops or
+jax_moe.reference, value parsed as a Python literal: `reference.G_DTYPE='float32'`) or
 `ENV=value`; the arms' device_time rounds alternate so that drift hits them alike.
 
     python tools/kernel_times.py --tokens 1 --local-experts 256
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 import jax_moe
-from jax_moe import grad, ops
+from jax_moe import grad, ops, reference
 from jax_moe.testing import device_time
 from probe_moe import KW, deepseek_weights, token_sets
 
@@ -31,8 +32,9 @@ from probe_moe import KW, deepseek_weights, token_sets
 def apply(arm):
     for setting in arm.split():
         name, value = setting.split("=", 1)
-        if name.startswith("ops."):
-            setattr(ops, name[4:], ast.literal_eval(value))
+        module, _, attr = name.partition(".")
+        if attr and module in ("ops", "reference"):
+            setattr({"ops": ops, "reference": reference}[module], attr, ast.literal_eval(value))
         else:
             os.environ[name] = value
 
