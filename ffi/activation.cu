@@ -52,9 +52,10 @@ __device__ __forceinline__ void ToFloats(const LaneBytes<float>& b, float* f) {
   f[4] = b.hi.x, f[5] = b.hi.y, f[6] = b.hi.z, f[7] = b.hi.w;
 }
 
-// A lane's N (8 or 16) values a / s as fp8 -> q (N-byte aligned).
+// A lane's N (8 or 16) values a / s as fp8 -> q (N-byte aligned); one division per lane.
 template <int N>
 __device__ __forceinline__ void StoreFp8(const float* a, float s, __nv_fp8_storage_t* q) {
+  const float inv_s = 1.0f / s;
   static_assert(N == 8 || N == 16, "8 or 16 values per lane");
   uint32_t w[N / 4];  // packed by shifts: a byte array would live in local memory
 #pragma unroll
@@ -62,7 +63,7 @@ __device__ __forceinline__ void StoreFp8(const float* a, float s, __nv_fp8_stora
     w[i] = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      w[i] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(a[4 * i + j] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * j);
+      w[i] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(DivideByScale(a[4 * i + j], s, inv_s), __NV_SATFINITE, __NV_E4M3)) << (8 * j);
   }
   if constexpr (N == 8) {
     *reinterpret_cast<uint2*>(q) = make_uint2(w[0], w[1]);

@@ -274,14 +274,15 @@ __device__ __forceinline__ float2 RowAbsMax(const float* act) {
 // fp8 codes of act[0..N) / scale into a 64 x 128-byte swizzled tile at byte column c0.
 template <int N>
 __device__ __forceinline__ void PutFp8(uint8_t* out, int rl0, int lane, int c0, const float* act, float s0, float s1) {
+  const float inv0 = 1.0f / s0, inv1 = 1.0f / s1;  // a / s as act_quant's StoreFp8 computes it
 #pragma unroll
   for (int j = 0; j < N / 4; ++j) {
     const int cb = c0 + 8 * j + (lane % 4) * 2;  // byte column in the 128-byte row
     uint8_t* q = out + rl0 * 128 + (((cb >> 4) ^ (rl0 & 7)) << 4) + (cb & 15);
     *reinterpret_cast<__nv_fp8x2_storage_t*>(q) =
-        __nv_cvt_float2_to_fp8x2(make_float2(act[4 * j + 0] / s0, act[4 * j + 1] / s0), __NV_SATFINITE, __NV_E4M3);
+        __nv_cvt_float2_to_fp8x2(make_float2(DivideByScale(act[4 * j + 0], s0, inv0), DivideByScale(act[4 * j + 1], s0, inv0)), __NV_SATFINITE, __NV_E4M3);
     *reinterpret_cast<__nv_fp8x2_storage_t*>(q + 8 * 128) =
-        __nv_cvt_float2_to_fp8x2(make_float2(act[4 * j + 2] / s1, act[4 * j + 3] / s1), __NV_SATFINITE, __NV_E4M3);
+        __nv_cvt_float2_to_fp8x2(make_float2(DivideByScale(act[4 * j + 2], s1, inv1), DivideByScale(act[4 * j + 3], s1, inv1)), __NV_SATFINITE, __NV_E4M3);
   }
 }
 
