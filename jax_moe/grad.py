@@ -209,8 +209,9 @@ def _backward_body(cfg, chunks, ids, weights, hidden, hidden_scale, w1, s1, w2, 
             W2 = quant.dequantize_weights(q2, s2[e])
 
             def f(x, W1, W2):
-                g = _bf16_ste(jnp.dot(x, W1.T, precision=jax.lax.Precision.HIGHEST,
-                                      preferred_element_type=jnp.float32))  # like the forward
+                g = jnp.dot(x, W1.T, precision=jax.lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)
+                g = _ste(g, g.astype(reference.G_DTYPE).astype(jnp.float32))  # like the forward
                 a = _requant_ste(reference.activation(g, act))
                 return _bf16_ste(jnp.dot(a, W2.T, precision=jax.lax.Precision.HIGHEST,
                                          preferred_element_type=jnp.float32))
