@@ -15,11 +15,13 @@
 //              Non-local slots fill rows [offsets[E], T*k) in slot order, so every row is
 //              written exactly once (row_to_slot = -1 there).
 // permute: a block per row (row_to_slot) below 16384 slots, else a block per token whose row is
-// read once and written to the rows of its local slots (slot_to_row); 16-byte copies, scales
-// written in the grouped MN-major layout.
+// read once and written to the rows of its local slots (slot_to_row), followed by a scale kernel
+// (its PDL dependent) that writes the scales in the grouped MN-major layout in output order;
+// 16-byte copies.
 #include <cuda_runtime.h>
 
 #include <cub/block/block_scan.cuh>
+#include <algorithm>
 #include <cstdint>
 
 #include "ffi_common.h"
@@ -226,10 +228,12 @@ constexpr int64_t kPermuteTokenMajorSlots = 16384;
 
 // permute by tokens: one block per token (grid-stride over the tokens). The block finds the
 // rows of the token's local slots (slot_to_row; a slot whose row is not below offsets[E] is not
-// local), then reads the token's row once and writes it to each of them, with its 128-blocks'
-// scales into the grouped MN-major layout. A block per row reads a token k times (from DRAM
-// once the hidden states outgrow the L2: prefill T=8192, 58.7 MB), and in an expert-parallel
-// slice tokens without a local slot are not read at all.
+// local), then reads the token's row once and writes it to each of them, with (kScales: only
+// where PermuteScalesKernel cannot stage T scales) its 128-blocks' scales into the grouped
+// MN-major layout. A block per row reads a token k times (from DRAM once the hidden states
+// outgrow the L2: prefill T=8192, 58.7 MB), and in an expert-parallel slice tokens without a
+// local slot are not read at all.
+template <bool kScales>
 __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
     PermuteTokensKernel(const uint8_t* __restrict__ hidden, const float* __restrict__ hidden_scale,
                         const int32_t* __restrict__ slot_to_row, const int32_t* __restrict__ offsets,
@@ -264,7 +268,7 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
     }
     if (__syncthreads_or(any_local) == 0) continue;  // no local slot (uniform: no barrier skipped)
     const uint4* src = reinterpret_cast<const uint4*>(hidden + tok * hidden_size);
-    const float first_scale = threadIdx.x < kb_count ? hidden_scale[threadIdx.x * num_tokens + tok] : 0.0f;
+    const float first_scale = kScales && threadIdx.x < kb_count ? hidden_scale[threadIdx.x * num_tokens + tok] : 0.0f;
     for (int64_t v0 = 0; v0 < vecs; v0 += kChunk) {
       uint4 buf[kPermuteBatch];
 #pragma unroll
@@ -283,7 +287,7 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
         }
       }
     }
-    for (int64_t kb = threadIdx.x; kb < kb_count; kb += kPermuteThreads) {
+    for (int64_t kb = threadIdx.x; kScales && kb < kb_count; kb += kPermuteThreads) {
       const float sc = kb < kPermuteThreads ? first_scale : hidden_scale[kb * num_tokens + tok];
       for (int j = 0; j < top_k; ++j) {
         const int32_t r = slot_row[j];
@@ -295,6 +299,70 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
     }
     __syncthreads();  // slot_row / slot_group are rewritten for the next token
   }
+}
+
+// permute's scales, after the token kernel without them (its PDL dependent): a block per
+// (128-column block kb, slice of the rows) stages the token scales of kb (hidden_scale[kb, :],
+// T floats) in shared memory, then writes row_scales[GroupedScaleIndex(g, r, kb)] =
+// staged[row_to_slot[r] / k] for the rows r of its slice: loads and stores coalesced (a group's
+// rows are consecutive in the MN-major layout). Written per token, each (slot, block) scale is a
+// 4-byte store to its own 32-byte sector: ~100 us of the token kernel's ~300 at prefill T=8192
+// (H100; tools/permute_probe.cu: 302 -> 228 us for both kernels). Its last step waits for the
+// token kernel, so a kernel that waits for this one (the pair's GEMM) sees the rows too.
+constexpr int kScaleThreads = 512;
+constexpr int kScaleBatch = 4;  // loads in flight per thread
+constexpr size_t kScaleMaxSmem = 160 * 1024;  // T up to ~40K tokens staged; beyond, the token kernel writes them
+
+__global__ void __launch_bounds__(kScaleThreads)
+    PermuteScalesKernel(const float* __restrict__ hidden_scale, const int32_t* __restrict__ row_to_slot,
+                        const int32_t* __restrict__ offsets, int num_experts, int num_tokens, int top_k,
+                        int kb_count, float* __restrict__ row_scales, int32_t* __restrict__ zero_counter) {
+  // 32-bit indices: the caller checks T * k * kb_count < 2^31
+  StageKernelBegin(zero_counter);
+  extern __shared__ float staged[];                          // [T]
+  int* offs = reinterpret_cast<int*>(staged + num_tokens);   // [E + 1]
+  const int kb = static_cast<int>(blockIdx.x % kb_count);
+  const int slices = static_cast<int>(gridDim.x / kb_count);
+  const int slice = static_cast<int>(blockIdx.x / kb_count);
+  constexpr int kStep = kScaleBatch * kScaleThreads;
+  const float* src = hidden_scale + static_cast<int64_t>(kb) * num_tokens;
+  for (int t0 = threadIdx.x; t0 < num_tokens; t0 += kStep) {
+    float v[kScaleBatch];
+#pragma unroll
+    for (int u = 0; u < kScaleBatch; ++u) {
+      const int t = t0 + u * kScaleThreads;
+      v[u] = t < num_tokens ? src[t] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kScaleBatch; ++u) {
+      const int t = t0 + u * kScaleThreads;
+      if (t < num_tokens) staged[t] = v[u];
+    }
+  }
+  const int num_rows = num_tokens * top_k;
+  const int valid_rows = static_cast<int>(LoadGroupOffsets(offsets, num_experts, offs, num_rows));  // syncs
+  const int per_slice = (valid_rows + slices - 1) / slices;
+  const int begin = slice * per_slice;
+  const int end = min(begin + per_slice, valid_rows);
+  for (int r0 = begin + threadIdx.x; r0 < end; r0 += kStep) {
+    int32_t slot[kScaleBatch];
+#pragma unroll
+    for (int u = 0; u < kScaleBatch; ++u) {
+      const int r = r0 + u * kScaleThreads;
+      slot[u] = r < end ? row_to_slot[r] : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kScaleBatch; ++u) {
+      const int r = r0 + u * kScaleThreads;
+      if (slot[u] < 0 || slot[u] >= num_rows) continue;
+      const int g = FindGroup(offs, num_experts, r);
+      if (g < 0) continue;
+      const int g0 = offs[g];
+      // GroupedScaleIndex in 32 bits; below num_rows * kb_count as g0 <= r < offs[g + 1] <= valid_rows
+      row_scales[g0 * kb_count + kb * (offs[g + 1] - g0) + (r - g0)] = staged[slot[u] / top_k];
+    }
+  }
+  GridDependencyWait();  // complete only after the token kernel (see above)
 }
 
 // permute by rows (below kPermuteTokenMajorSlots slots): one block per row (grid-stride over
@@ -462,9 +530,28 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
     const unsigned grid = GridStrideBlocks(t, 1, kPermuteBlocksPerSm);  // a block per token
     const size_t smem = (e + 1 + 2 * static_cast<size_t>(top_k)) * sizeof(int);
     if (smem > 48 * 1024) return InvalidArgument("jax_moe_permute: top_k: too large, got " + std::to_string(top_k));
-    PermuteTokensKernel<<<grid, kPermuteThreads, smem, stream>>>(
-        hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
-        row_bytes, row_scales.typed_data(), zero_counter);
+    const size_t scale_smem = (t + e + 1) * sizeof(float);
+    if (scale_smem > kScaleMaxSmem || m * (h / 128) > 0x7fffffffLL) {  // the token kernel writes the scales too
+      PermuteTokensKernel<true><<<grid, kPermuteThreads, smem, stream>>>(
+          hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
+          row_bytes, row_scales.typed_data(), zero_counter);
+    } else {  // the data, then the scales as its PDL dependent (the last kernel: it zeroes the counter)
+      PermuteTokensKernel<false><<<grid, kPermuteThreads, smem, stream>>>(
+          hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
+          row_bytes, row_scales.typed_data(), nullptr);
+      JAX_MOE_CHECK_LAUNCH("jax_moe_permute token kernel launch");
+      cudaError_t err = cudaFuncSetAttribute(PermuteScalesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(kScaleMaxSmem));
+      if (err != cudaSuccess) return CudaError(err, "jax_moe_permute: cudaFuncSetAttribute");
+      const int kb_count = static_cast<int>(h / 128);
+      // ~4 blocks per SM, at least 2048 rows per slice
+      const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(CeilDiv(4 * NumSms(), kb_count), CeilDiv(m, 2048)));
+      err = LaunchKernel(PermuteScalesKernel, dim3(static_cast<unsigned>(kb_count * slices)), dim3(kScaleThreads),
+                         scale_smem, stream, /*pdl=*/true, hidden_scale.typed_data(), row_to_slot.typed_data(),
+                         offsets.typed_data(), e, static_cast<int>(t), static_cast<int>(top_k), kb_count,
+                         row_scales.typed_data(), zero_counter);
+      if (err != cudaSuccess) return CudaError(err, "jax_moe_permute scale kernel launch");
+    }
   }
   JAX_MOE_CHECK_LAUNCH("jax_moe_permute kernel launch");
   return ffi::Error::Success();

@@ -271,7 +271,10 @@ def test_plan_permute(t, e_loc, dist):
                                          (16384, 8, 512, 128), (512, 8, 512, 128),
                                          # from 16384 slots a block per token: H = 7168, and
                                          # 8320 (520 16-byte vectors: two batches of the block)
-                                         (2048, 8, 32, 7168), (2048, 8, 8, 8320)])
+                                         (2048, 8, 32, 7168), (2048, 8, 8, 8320),
+                                         # T * 4 bytes over the scale kernel's shared memory:
+                                         # the token kernel writes the scales itself
+                                         (41000, 1, 4, 128)])
 def test_plan_permute_shapes(t, k, e_loc, h):
     rng = np.random.default_rng(t + k + e_loc + h)
     ids = _plan_ids(rng, t, k, e_loc, "mixed")
