@@ -174,9 +174,15 @@ __device__ __forceinline__ int64_t LoadGroupOffsets(const int32_t* offsets, int 
 
 // Index of the scale of row r (in group [g0, g1)) and 128-column block kb in the grouped
 // MN-major layout of a buffer with kb_count blocks per row: group g's scales form a
-// [kb_count, g1 - g0] row-major block starting at g0 * kb_count.
-__device__ __forceinline__ int64_t GroupedScaleIndex(int64_t g0, int64_t g1, int64_t r, int64_t kb,
-                                                     int64_t kb_count) {
+// [kb_count, g1 - g0] row-major block starting at g0 * kb_count. In 64 bits unless the caller
+// asks for `int` (GroupedScaleIndex<int>: it guarantees rows * kb_count < 2^31).
+template <typename T> struct NotDeduced { using type = T; };
+template <typename Index = int64_t>
+__device__ __forceinline__ Index GroupedScaleIndex(typename NotDeduced<Index>::type g0,
+                                                   typename NotDeduced<Index>::type g1,
+                                                   typename NotDeduced<Index>::type r,
+                                                   typename NotDeduced<Index>::type kb,
+                                                   typename NotDeduced<Index>::type kb_count) {
   return g0 * kb_count + kb * (g1 - g0) + (r - g0);
 }
 

@@ -357,12 +357,33 @@ __global__ void __launch_bounds__(kScaleThreads)
       if (slot[u] < 0 || slot[u] >= num_rows) continue;
       const int g = FindGroup(offs, num_experts, r);
       if (g < 0) continue;
-      const int g0 = offs[g];
-      // GroupedScaleIndex in 32 bits; below num_rows * kb_count as g0 <= r < offs[g + 1] <= valid_rows
-      row_scales[g0 * kb_count + kb * (offs[g + 1] - g0) + (r - g0)] = staged[slot[u] / top_k];
+      // below num_rows * kb_count: offs[g] <= r < offs[g + 1] <= valid_rows
+      row_scales[GroupedScaleIndex<int>(offs[g], offs[g + 1], r, kb, kb_count)] = staged[slot[u] / top_k];
     }
   }
   GridDependencyWait();  // complete only after the token kernel (see above)
+}
+
+// Shared memory of the scale kernel for T tokens and E local experts; above kScaleMaxSmem the
+// token kernel writes the scales (PermuteTokensKernel<true>).
+size_t PermuteScalesSmem(int64_t num_tokens, int num_experts) {
+  return static_cast<size_t>(num_tokens + num_experts + 1) * sizeof(float);
+}
+
+// Launches the scale kernel as a PDL dependent of the kernel before it on `stream` (PermuteStage
+// and tools/permute_probe.cu): ~4 blocks per SM, at least 2048 rows per slice.
+cudaError_t LaunchPermuteScales(cudaStream_t stream, const float* hidden_scale, const int32_t* row_to_slot,
+                                const int32_t* offsets, int num_experts, int num_tokens, int top_k, int kb_count,
+                                float* row_scales, int32_t* zero_counter) {
+  cudaError_t err = cudaFuncSetAttribute(PermuteScalesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kScaleMaxSmem));
+  if (err != cudaSuccess) return err;
+  const int64_t num_rows = static_cast<int64_t>(num_tokens) * top_k;
+  const int64_t slices =
+      std::max<int64_t>(1, std::min<int64_t>(CeilDiv(4 * NumSms(), kb_count), CeilDiv(num_rows, 2048)));
+  return LaunchKernel(PermuteScalesKernel, dim3(static_cast<unsigned>(kb_count * slices)), dim3(kScaleThreads),
+                      PermuteScalesSmem(num_tokens, num_experts), stream, /*pdl=*/true, hidden_scale, row_to_slot,
+                      offsets, num_experts, num_tokens, top_k, kb_count, row_scales, zero_counter);
 }
 
 // permute by rows (below kPermuteTokenMajorSlots slots): one block per row (grid-stride over
@@ -530,8 +551,7 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
     const unsigned grid = GridStrideBlocks(t, 1, kPermuteBlocksPerSm);  // a block per token
     const size_t smem = (e + 1 + 2 * static_cast<size_t>(top_k)) * sizeof(int);
     if (smem > 48 * 1024) return InvalidArgument("jax_moe_permute: top_k: too large, got " + std::to_string(top_k));
-    const size_t scale_smem = (t + e + 1) * sizeof(float);
-    if (scale_smem > kScaleMaxSmem || m * (h / 128) > 0x7fffffffLL) {  // the token kernel writes the scales too
+    if (PermuteScalesSmem(t, e) > kScaleMaxSmem || m * (h / 128) > 0x7fffffffLL) {  // the token kernel writes the scales too
       PermuteTokensKernel<true><<<grid, kPermuteThreads, smem, stream>>>(
           hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
           row_bytes, row_scales.typed_data(), zero_counter);
@@ -540,16 +560,9 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
           hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
           row_bytes, row_scales.typed_data(), nullptr);
       JAX_MOE_CHECK_LAUNCH("jax_moe_permute token kernel launch");
-      cudaError_t err = cudaFuncSetAttribute(PermuteScalesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(kScaleMaxSmem));
-      if (err != cudaSuccess) return CudaError(err, "jax_moe_permute: cudaFuncSetAttribute");
-      const int kb_count = static_cast<int>(h / 128);
-      // ~4 blocks per SM, at least 2048 rows per slice
-      const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(CeilDiv(4 * NumSms(), kb_count), CeilDiv(m, 2048)));
-      err = LaunchKernel(PermuteScalesKernel, dim3(static_cast<unsigned>(kb_count * slices)), dim3(kScaleThreads),
-                         scale_smem, stream, /*pdl=*/true, hidden_scale.typed_data(), row_to_slot.typed_data(),
-                         offsets.typed_data(), e, static_cast<int>(t), static_cast<int>(top_k), kb_count,
-                         row_scales.typed_data(), zero_counter);
+      cudaError_t err = LaunchPermuteScales(stream, hidden_scale.typed_data(), row_to_slot.typed_data(),
+                                            offsets.typed_data(), e, static_cast<int>(t), top_k,
+                                            static_cast<int>(h / 128), row_scales.typed_data(), zero_counter);
       if (err != cudaSuccess) return CudaError(err, "jax_moe_permute scale kernel launch");
     }
   }

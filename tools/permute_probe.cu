@@ -33,7 +33,6 @@ __global__ void WriteSeqKernel(uint8_t* rows, int64_t n_rows, int64_t h) {  // b
 }
 
 int main(int argc, char** argv) {
-  const int SLICE_BLOCKS_PER_SM = getenv("SLICES") ? atoi(getenv("SLICES")) : 2;
   const int64_t T = argc > 1 ? atol(argv[1]) : 8192;
   const int E = argc > 2 ? atoi(argv[2]) : 256;
   const int k = argc > 3 ? atoi(argv[3]) : 8;
@@ -86,18 +85,14 @@ int main(int argc, char** argv) {
     PermuteRowsKernel<<<GridStrideBlocks(M, 1, kPermuteBlocksPerSm), kPermuteThreads, (E + 1) * sizeof(int)>>>(
         d_hidden, d_hs, d_r2s, d_offs, E, T, k, H, rows, rs, nullptr);
   };
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(CeilDiv(SLICE_BLOCKS_PER_SM * sms, KB), CeilDiv(M, 2048)));
-  const size_t scale_smem = (T + E + 1) * 4;
-  CK(cudaFuncSetAttribute(PermuteScalesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScaleMaxSmem)));
   auto data_only = [&](uint8_t* rows) {
     PermuteTokensKernel<false><<<GridStrideBlocks(T, 1, kPermuteBlocksPerSm), kPermuteThreads, tok_smem>>>(
         d_hidden, d_hs, d_s2r, d_offs, E, T, k, H, rows, nullptr, nullptr);
   };
-  auto scales = [&](float* rs, bool pdl) {
-    CK(LaunchKernel(PermuteScalesKernel, dim3(KB * slices), dim3(kScaleThreads), scale_smem, 0, pdl, d_hs, d_r2s,
-                    d_offs, E, int(T), k, int(KB), rs, nullptr));
+  auto scales = [&](float* rs) {  // as PermuteStage launches it: a PDL dependent
+    CK(LaunchPermuteScales(0, d_hs, d_r2s, d_offs, E, int(T), k, int(KB), rs, nullptr));
   };
-  auto split = [&](uint8_t* rows, float* rs) { data_only(rows); scales(rs, true); };
+  auto split = [&](uint8_t* rows, float* rs) { data_only(rows); scales(rs); };
   // correctness: every kernel against the token kernel (rows [0, local), all scales)
   CK(cudaMemset(d_rows_ref, 0, M * H)); CK(cudaMemset(d_rs_ref, 0, M * KB * 4));
   token(d_rows_ref, d_rs_ref);
@@ -140,9 +135,7 @@ int main(int argc, char** argv) {
   time("token kernel with scales", wbytes, [&] { token(d_rows, d_rs); });
   time("row kernel", wbytes, [&] { rowk(d_rows, d_rs); });
   time("token kernel, data only", wbytes, [&] { data_only(d_rows); });
-  time("scale kernel alone", double(local) * KB * 4, [&] { scales(d_rs, false); });
-  time("data + scales (PDL)", wbytes, [&] { split(d_rows, d_rs); });
-  time("data + scales (plain)", wbytes, [&] { data_only(d_rows); scales(d_rs, false); });
-  time("scales + data (plain)", wbytes, [&] { scales(d_rs, false); data_only(d_rows); });
+  time("scale kernel alone", double(local) * KB * 4, [&] { scales(d_rs); });
+  time("data + scales (landed)", wbytes, [&] { split(d_rows, d_rs); });
   return 0;
 }
