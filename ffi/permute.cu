@@ -556,9 +556,9 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
           hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
           row_bytes, row_scales.typed_data(), zero_counter);
     } else {  // the data, then the scales as its PDL dependent (the last kernel: it zeroes the counter)
-      PermuteTokensKernel<false><<<grid, kPermuteThreads, smem, stream>>>(
-          hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
-          row_bytes, row_scales.typed_data(), nullptr);
+      PermuteTokensKernel<false><<<grid, kPermuteThreads, smem, stream>>>(  // no scale pointers: it reads none
+          hidden_bytes, nullptr, slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h, row_bytes, nullptr,
+          nullptr);
       JAX_MOE_CHECK_LAUNCH("jax_moe_permute token kernel launch");
       cudaError_t err = LaunchPermuteScales(stream, hidden_scale.typed_data(), row_to_slot.typed_data(),
                                             offsets.typed_data(), e, static_cast<int>(t), top_k,

@@ -123,8 +123,9 @@ def _ste(x, rounded):
     return x + jax.lax.stop_gradient(rounded - x)
 
 
-def _bf16_ste(x):
-    return _ste(x, x.astype(jnp.bfloat16).astype(jnp.float32))
+def _cast_ste(x, dtype=jnp.bfloat16):
+    """x rounded to `dtype` (back in float32), passed straight through."""
+    return _ste(x, x.astype(dtype).astype(jnp.float32))
 
 
 def _requant_ste(a):
@@ -211,9 +212,9 @@ def _backward_body(cfg, chunks, ids, weights, hidden, hidden_scale, w1, s1, w2, 
             def f(x, W1, W2):
                 g = jnp.dot(x, W1.T, precision=jax.lax.Precision.HIGHEST,
                             preferred_element_type=jnp.float32)
-                g = _ste(g, g.astype(reference.G_DTYPE).astype(jnp.float32))  # like the forward
+                g = _cast_ste(g, reference.G_DTYPE)  # like the forward
                 a = _requant_ste(reference.activation(g, act))
-                return _bf16_ste(jnp.dot(a, W2.T, precision=jax.lax.Precision.HIGHEST,
+                return _cast_ste(jnp.dot(a, W2.T, precision=jax.lax.Precision.HIGHEST,
                                          preferred_element_type=jnp.float32))
 
             ctf = ct_t.astype(jnp.float32)
