@@ -40,12 +40,15 @@ def to_fp8(x):
 
 
 def quantize_rows(a):
-    """float [M, N] -> (fp8 [M, N], float64 scales [M, N/128]): s = max(amax/448, FLT_MIN)."""
+    """float [M, N] -> (fp8 [M, N], scales [M, N/128] as float64): s = max(amax/448, FLT_MIN)
+    and q = fp8(a / s), both in float32 as SPEC 3 steps 3-4 compute them (the scales are float32
+    arrays; a / s rounds to float32 before fp8, which decides the exact fp8 ties that
+    bf16-valued activations such as Relu2's and Identity's hit)."""
     a = np.asarray(a, np.float64)
     m, n = a.shape
     blocks = a.reshape(m, n // BLOCK, BLOCK)
-    s = np.maximum(np.abs(blocks).max(axis=-1) / FP8_MAX, FLT_MIN)
-    q = to_fp8(blocks / s[..., None])
+    s = np.maximum(np.abs(blocks).max(axis=-1) / FP8_MAX, FLT_MIN).astype(np.float32).astype(np.float64)
+    q = to_fp8((blocks / s[..., None]).astype(np.float32))
     return q.reshape(m, n), s
 
 
