@@ -64,7 +64,8 @@ def median_time(fn, arg_sets, reps, warmup=3):
     return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
 
 
-def device_time(fn, arg_sets, reps, batches=5, warmup=3, with_batch_time=False):
+def device_time(fn, arg_sets, reps, batches=5, warmup=3, with_batch_time=False,
+                sync=None):
     """Seconds per call of `fn` in steady state, calls enqueued back to back (JAX's async dispatch
     keeps the GPU fed, as inside a model) over rotating `arg_sets`: a batch of `reps` calls and one
     of 2 * `reps`, each with one sync at its end; the difference of the two over `reps` is the
@@ -73,16 +74,19 @@ def device_time(fn, arg_sets, reps, batches=5, warmup=3, with_batch_time=False):
     H100 host, 10-20 us per call at 20 calls). Median over `batches` such pairs. Unlike
     `median_time`, the host's per-call dispatch and synchronization latency is hidden whenever
     the device is the slower side. `with_batch_time`: also return the plain batch figure (the
-    `reps` batch's time / `reps`, fixed cost included), median over the same batches."""
+    `reps` batch's time / `reps`, fixed cost included), median over the same batches. `sync`
+    waits for a call's output (default jax.block_until_ready; another framework's
+    synchronization for its calls)."""
+    sync = sync or jax.block_until_ready
     for i in range(warmup):
-        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+        sync(fn(*arg_sets[i % len(arg_sets)]))
 
     def batch(n):
         t0 = time.perf_counter()
         out = None
         for i in range(n):
             out = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
+        sync(out)
         return time.perf_counter() - t0
 
     steady, plain = [], []

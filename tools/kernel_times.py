@@ -62,6 +62,16 @@ def cupti(fn, sets, calls):
     return (ks[-1][1] - ks[0][0]) / calls, sum(b - a for a, b, _ in ks) / calls, per_kernel, ks
 
 
+def op_gaps(ks, calls):
+    """Median idle time between consecutive ops: op i+1's first kernel start minus the latest
+    kernel end of op i (what steady-state back-to-back calls lose between XLA executions)."""
+    per_op = len(ks) // calls
+    if per_op * calls != len(ks) or calls < 2:
+        return float("nan")
+    ops_ = [ks[i * per_op:(i + 1) * per_op] for i in range(calls)]
+    return float(np.median([b[0][0] - max(e for _, e, _ in a) for a, b in zip(ops_, ops_[1:])]))
+
+
 def timeline(ks, calls):
     """Median start / end of each kernel of an op relative to the op's first kernel start, and
     the idle gap before it (the previous kernel's end to its start; negative: overlap)."""
@@ -87,12 +97,13 @@ def main():
     ap.add_argument("--arms", nargs="+", default=[""])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--sets", type=int, default=2, help="rotating token-input sets")
     ap.add_argument("--timeline", action="store_true",
                     help="also each kernel's median start / end within an op and the gap before it")
     args = ap.parse_args()
     w = deepseek_weights(args.local_experts)
     for t in args.tokens:
-        sets = token_sets(w, t)
+        sets = token_sets(w, t, args.sets)
         fns = {}
         for arm in args.arms:
             # compiled ahead of time: a plain jitted function would be traced again (under the
@@ -109,7 +120,8 @@ def main():
         for arm, f in fns.items():
             span, busy, per_kernel, ks = cupti(f, sets, args.calls)
             print(f"T={t} E_loc={args.local_experts} [{arm or 'default'}]: device_time "
-                  f"{np.median(dev[arm]) * 1e6:.1f} us, CUPTI span/op {span:.1f} us, busy/op {busy:.1f} us",
+                  f"{np.median(dev[arm]) * 1e6:.1f} us, CUPTI span/op {span:.1f} us, busy/op {busy:.1f} us, "
+                  f"gap between ops {op_gaps(ks, args.calls):.1f} us (sets {args.sets})",
                   flush=True)
             for name, d in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1])):
                 print(f"    {name:28s} {len(d) / args.calls:4.1f}/op  median {np.median(d):7.1f} us")
