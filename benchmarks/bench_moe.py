@@ -40,6 +40,13 @@ def ceilings(reps):
     700 W power cap allows (H100, seventeenth session: cuBLAS FP8 1404 TFLOP/s over 20 calls,
     1229 over a second). -> {"gemm_burst", "copy_burst", "gemm_steady", "copy_steady"} in
     FLOP/s and bytes/s, and how they were measured (torch's cuBLAS when present, else XLA)."""
+    def measure(fns, burst, sync):  # fns: name -> (call, FLOPs or bytes of one call)
+        out = {}
+        for name, (fn, work) in fns.items():
+            out[name + "_burst"] = work / burst(fn)
+            out[name + "_steady"] = work / device_time(fn, [()], reps, sync=sync)
+        return out
+
     n = 8192
     try:
         import torch
@@ -50,11 +57,6 @@ def ceilings(reps):
         one = torch.ones((), device="cuda")
         src = torch.randint(0, 255, (1 << 31,), dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
-        fns = {"gemm": (lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
-                        2.0 * n ** 3),
-               "copy": (lambda: dst.copy_(src), 2.0 * src.numel())}
-        sync = lambda _: torch.cuda.synchronize()  # noqa: E731
-        how = "torch (cuBLAS _scaled_mm, copy_)"
 
         def burst(fn):
             for _ in range(3):
@@ -65,6 +67,14 @@ def ceilings(reps):
                 s.record(); fn(); e.record(); torch.cuda.synchronize()
                 ts.append(s.elapsed_time(e) / 1e3)
             return float(np.median(ts))
+
+        out = measure({"gemm": (lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one,
+                                                         out_dtype=torch.bfloat16), 2.0 * n ** 3),
+                       "copy": (lambda: dst.copy_(src), 2.0 * src.numel())},
+                      burst, lambda _: torch.cuda.synchronize())
+        del a, b, src, dst
+        torch.cuda.empty_cache()
+        return out, "torch (cuBLAS _scaled_mm, copy_)"
     except ImportError:
         a = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(jnp.float8_e4m3fn)
         b = jax.random.normal(jax.random.PRNGKey(2), (n, n)).astype(jnp.float8_e4m3fn)
@@ -72,15 +82,9 @@ def ceilings(reps):
                                                       preferred_element_type=jnp.bfloat16))
         x = jax.random.randint(jax.random.PRNGKey(3), (1 << 29,), 0, 1 << 30, jnp.int32)
         cp = jax.jit(lambda x: x + 1)
-        fns = {"gemm": (lambda: mm(a, b), 2.0 * n ** 3), "copy": (lambda: cp(x), 2.0 * x.nbytes)}
-        sync = jax.block_until_ready
-        how = "XLA (fp8 dot, elementwise copy)"
-        burst = lambda fn: median_time(lambda: fn(), [()], reps)[0]  # noqa: E731
-    out = {}
-    for name, (fn, work) in fns.items():
-        out[name + "_burst"] = work / burst(fn)
-        out[name + "_steady"] = work / device_time(lambda: fn(), [()], reps, sync=sync)
-    return out, how
+        out = measure({"gemm": (lambda: mm(a, b), 2.0 * n ** 3), "copy": (lambda: cp(x), 2.0 * x.nbytes)},
+                      lambda fn: median_time(fn, [()], reps)[0], jax.block_until_ready)
+        return out, "XLA (fp8 dot, elementwise copy)"
 
 
 def stage_times(inp, e_loc, reps, tokens):
