@@ -8,7 +8,8 @@
 #   bash tools/build_for_device.sh [python3.12] [jaxlib version]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=${1:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python")}
+py=${1:-$HOME/.pyenv/versions/3.12.1/bin/python}
+[ -x "$py" ] || py=python3.12  # a pyenv shim named python3.12 may exist and still fail to run
 jaxlib=${2:-0.11.2}
 venv=${JAX_MOE_DEVICE_VENV:-/tmp/jax_moe_device_venv}
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
