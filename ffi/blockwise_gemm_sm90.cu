@@ -11,21 +11,26 @@
 // past offsets[G] are not written.
 //
 // Design (DeepGEMM-style): persistent CTAs walk the (group, column block, row tile) list,
-// ordered so that the row tiles sharing a weight tile run together. Two tile shapes, BM x BN
+// ordered so that the row tiles sharing a weight tile run together. Tile shapes, BM x BN
 // (rows of a x rows of b): 128 x 128 ("own128": math warpgroup w on tile rows [64w, 64w+64))
 // and 64 x 256 ("own64": both on the same 64 rows, warpgroup w on b rows [128w, 128w+128)).
 // Either way a warpgroup computes a 64 x 128 block; own64 pads each group's rows to 64, not
-// 128, at the price of a 40 KB instead of 32 KB pipeline stage. Per CTA:
+// 128, at the price of a 40 KB instead of 32 KB pipeline stage. The fused GEMM1 with a gated
+// activation and BM = 128 takes 128 x 256 tiles ("wide": warpgroup w on rows [64w, 64w+64) and
+// all 256 b rows, as two 64 x 128 blocks one after the other through the same float32 partial),
+// so each weight tile has one reader for up to 128 rows of a group. Per CTA:
 //   warpgroup 0: thread 0 issues the TMA loads of each 128-wide K block (A: BM rows, B: BN rows
 //     in 64-row boxes) into a ring of shared-memory stages; warp 1 copies the K block's scales
 //     (BM row scales, two weight-block scales) into the same stage, so the math never waits on a
 //     global load. The stage's "full" barrier counts the TMA bytes and the 32 scale lanes.
 //   warpgroups 1, 2: wgmma m64n128k32 into a float32 partial per K block, then
 //     acc += partial * (row scale * weight scale) -- float32 promotion every 128 of K. Every
-//     tile runs all its MMAs, even a half past its group's end (zero row scales there): skipping
-//     such halves made tile costs unequal, the CTAs that share a weight tile drifted apart and
-//     re-read it from DRAM (ncu, 256 groups of 256 +- 20 % rows: 20 GB read for 8 GB of
-//     operands, 7.9 ms; without the skip 5.7 ms).
+//     own128 / own64 tile runs all its MMAs, even a half past its group's end (zero row scales
+//     there): skipping such halves made tile costs unequal, the CTAs that share a weight tile
+//     drifted apart and re-read it from DRAM (ncu, 256 groups of 256 +- 20 % rows: 20 GB read
+//     for 8 GB of operands, 7.9 ms; without the skip 5.7 ms). The wide tile does skip them (and
+//     loads a in 64-row boxes, only those the group reaches): it is chosen where groups have
+//     about 64 rows, so a weight tile has one reader and there is nothing to drift apart.
 //   epilogue: each math warpgroup writes its 64 x 128 block into shared memory (128-byte swizzled
 //     boxes, bank-conflict free) and thread 0 stores it by TMA, asynchronously: the next tile's
 //     MMAs start while the store drains. A half tile that runs past its group's end is copied
@@ -57,16 +62,19 @@ constexpr int kSmemLimit = 227 * 1024;
 constexpr int kTileSlots = 4;     // tile indices handed from the TMA thread to the other roles
 constexpr int kTileReaders = 9;   // the scale warp and the 8 math warps
 
-// Rows of b per tile for BM rows of a (see the design note).
-template <int BM>
+// What the epilogue writes (see OwnGroupedGemmKernel).
+enum Epilogue : int { kStore = 0, kActGated = 1, kActPlain = 2 };
+
+// Rows of b per tile for BM rows of a (see the design note): 256, except own128's 128 for
+// kStore and kActPlain.
+template <int BM, int EPI>
 constexpr int TileBRows() {
   static_assert(BM == 128 || BM == 64, "tile rows");
-  return BM == 128 ? 128 : 256;
+  return BM == 128 && EPI != kActGated ? 128 : 256;
 }
 
-template <int BM, int OUT_BYTES>  // OUT_BYTES: one math warpgroup's output buffer
+template <int BM, int BN, int OUT_BYTES>  // OUT_BYTES: one math warpgroup's output buffer
 struct Smem {
-  static constexpr int BN = TileBRows<BM>();
   static constexpr int kOutBytes = OUT_BYTES;
   static constexpr int kStageBytes = (BM + BN) * BK;
   static constexpr int kStages = std::min(6, (kSmemLimit - 2 * kOutBytes - 8 * 1024) / kStageBytes);
@@ -220,22 +228,21 @@ __device__ __forceinline__ void TileCoords(const S& s, int num_groups, int num_u
 //     MN-major layout of act_quant. kActGated (Swiglu, Geglu; b's rows per group are
 //     [up (I); gate (I)]) loads b in 64-row boxes alternating up and gate rows of the same
 //     columns, so a thread's accumulators hold the up and gate values of the same output
-//     columns; a tile is one 128-column quantization block: own128 runs two passes over K (64
-//     up + 64 gate rows each), own64 one pass with each warpgroup on 64 of the columns (the
-//     row maxima are combined through shared memory). kActPlain (Relu2, Identity; N = I): each
-//     warpgroup's 128 columns are one quantization block.
-enum Epilogue : int { kStore = 0, kActGated = 1, kActPlain = 2 };
+//     columns; a tile is one 128-column quantization block: the wide tile's warpgroups each
+//     hold all of it for their 64 rows, own64's each 64 of its columns (the row maxima are
+//     combined through shared memory). kActPlain (Relu2, Identity; N = I): each warpgroup's
+//     128 columns are one quantization block.
 
 // Output columns of a tile.
 template <int BM, int EPI>
 constexpr int TileOutCols() {
-  return EPI == kActGated ? 128 : TileBRows<BM>();
+  return EPI == kActGated ? 128 : TileBRows<BM, EPI>();
 }
 
-// First row of b (within the group) of the tile's 64-row box i in pass p.
+// First row of b (within the group) of the tile's 64-row box i.
 template <int EPI>
-__device__ __forceinline__ int BBoxRow(int i, int n0, int p, int n_out) {
-  if (EPI == kActGated) return (i & 1 ? n_out : 0) + n0 + 64 * ((i >> 1) + p);
+__device__ __forceinline__ int BBoxRow(int i, int n0, int n_out) {
+  if (EPI == kActGated) return (i & 1 ? n_out : 0) + n0 + 64 * (i >> 1);
   return n0 + 64 * i;
 }
 
@@ -314,12 +321,10 @@ __device__ __forceinline__ void CopyRowsBelow(const uint8_t* out, OutT* d, int r
 // Named barrier of both math warpgroups (id 3).
 __device__ __forceinline__ void MathBarrier() { asm volatile("bar.sync 3, 256;" ::: "memory"); }
 
-// One math warpgroup's output buffer: its 64 x 128 output block; for own128 kActGated the
-// float32 activations of pass 0 while pass 1 runs (kept there rather than in registers, so that
-// pass 1's K loop holds no more live registers than acc + part under the 168-register cap).
-template <int BM, class OutT, int EPI>
+// One math warpgroup's output buffer: its 64 x 128 output block.
+template <class OutT>
 constexpr int OutBufferBytes() {
-  return EPI == kActGated && BM == 128 ? 64 * 64 * 4 : 64 * 128 * int(sizeof(OutT));
+  return 64 * 128 * int(sizeof(OutT));
 }
 
 template <int BM, class OutT, int EPI>
@@ -333,10 +338,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(!kAct || sizeof(OutT) == 1, "the fused epilogue writes fp8");
   constexpr bool kGated = EPI == kActGated;
   constexpr bool kSplitRows = BM == 128;   // warpgroups on different rows (own128) or columns (own64)
-  constexpr int kPasses = kGated && kSplitRows ? 2 : 1;
+  // own128 gated: each warpgroup's 64 rows x all 256 b rows, as two 128-row halves
+  constexpr bool kWide = kGated && kSplitRows;
   constexpr int OB = int(sizeof(OutT));
-  constexpr int BN = TileBRows<BM>(), TN = TileOutCols<BM, EPI>();
-  using S = Smem<BM, OutBufferBytes<BM, OutT, EPI>()>;
+  constexpr int BN = TileBRows<BM, EPI>(), TN = TileOutCols<BM, EPI>();
+  using S = Smem<BM, BN, OutBufferBytes<OutT>()>;
   constexpr int STAGES = S::kStages;
   extern __shared__ uint8_t smem_raw[];
   S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -403,11 +409,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) {  // TMA loads of A and B; claims the tiles
       // 64-row boxes of b: the same swizzled layout as one box
-      auto load_b = [&](int st, int g, int n0, int p, int kb) {
+      auto load_b = [&](int st, int g, int n0, int kb) {
 #pragma unroll
         for (int i = 0; i < BN / 64; ++i)
-          TmaLoad(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, p, n_out));
+          TmaLoad(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, n_out));
       };
+      // kWide: a in 64-row boxes, the second only if the group reaches it (a half past the
+      // group's end runs no MMAs, so a tile of one reader per weight tile moves no more of a
+      // through the L2 than the group has rows)
+      auto a_rows = [&](int row0, int end) { return kWide && row0 + 64 >= end ? 64 : BM; };
       // The first tile's weight loads for the first stages go out before the grid-dependency
       // wait (see LaunchOwnGroupedGemm: b is complete when the kernel before this one starts),
       // so under PDL they overlap that kernel; a, its output, is loaded after the wait.
@@ -417,8 +427,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         TileCoords<BM>(s, num_groups, num_units, TN, blockIdx.x, &g, &row0, &end, &n0);
         early = min(STAGES, kb_count);
         for (int kb = 0; kb < early; ++kb) {  // fresh stages: no empty wait
-          MbarExpectTx(&s.full[kb], S::kStageBytes);
-          load_b(kb, g, n0, 0, kb);
+          MbarExpectTx(&s.full[kb], (a_rows(row0, end) + BN) * BK);
+          load_b(kb, g, n0, kb);
         }
       }
       GridDependencyWait();
@@ -429,17 +439,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (t >= total) break;
         int g, row0, end, n0;
         TileCoords<BM>(s, num_groups, num_units, TN, t, &g, &row0, &end, &n0);
-        for (int p = 0; p < kPasses; ++p) {
-          for (int kb = 0; kb < kb_count; ++kb) {
-            const bool b_issued = p == 0 && kb < early;
-            if (!b_issued) {
-              MbarWait(&s.empty[stage], phase ^ 1);
-              MbarExpectTx(&s.full[stage], S::kStageBytes);
-            }
-            TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
-            if (!b_issued) load_b(stage, g, n0, p, kb);
-            if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        const int rows_a = a_rows(row0, end);
+        for (int kb = 0; kb < kb_count; ++kb) {
+          const bool b_issued = kb < early;
+          if (!b_issued) {
+            MbarWait(&s.empty[stage], phase ^ 1);
+            MbarExpectTx(&s.full[stage], (rows_a + BN) * BK);
           }
+          if constexpr (kWide) {
+            for (int r = 0; r < rows_a; r += 64) TmaLoad(s.a[stage] + r * BK, &map_a, &s.full[stage], kb * BK, row0 + r);
+          } else {
+            TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
+          }
+          if (!b_issued) load_b(stage, g, n0, kb);
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
         early = 0;
       }
@@ -456,10 +469,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int g0 = s.offsets[g], rows_g = end - g0;
         const float* sa = a_scale + int64_t(g0) * kb_count + (row0 - g0);
         const float* sb = b_scale + int64_t(g) * nb_count * kb_count;
-        for (int p = 0; p < kPasses; ++p) {
+        {
           // gated: the blocks of the up and the gate rows; else of b rows [0, 128) and [128, 256)
-          const int nb0 = kGated ? BBoxRow<EPI>(0, n0, p, n_out) / 128 : min(n0 / 128, nb_count - 1);
-          const int nb1 = kGated ? BBoxRow<EPI>(1, n0, p, n_out) / 128 : min(n0 / 128 + 1, nb_count - 1);
+          const int nb0 = kGated ? BBoxRow<EPI>(0, n0, n_out) / 128 : min(n0 / 128, nb_count - 1);
+          const int nb1 = kGated ? BBoxRow<EPI>(1, n0, n_out) / 128 : min(n0 / 128 + 1, nb_count - 1);
           for (int kb = 0; kb < kb_count; ++kb) {
             float v[BM / 32];
 #pragma unroll
@@ -496,7 +509,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0, slot = 0;
     uint32_t phase = 0, slot_phase = 0;
     float acc[64], part[64];
+    float acc_hi[kWide ? 64 : 1];  // kWide: the accumulators of the second 128 b rows
     auto next = [&] { if (++stage == STAGES) { stage = 0; phase ^= 1; } };
+    // acc (+)= part * (row scale * weight scale): float32 promotion of one K block's partial sum
+    auto promote = [&](float (&to)[64], float f0a, float f1a, float b0, float b1) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {  // 8-column groups never straddle a scale block
+        const float sb = (8 * j < split) ? b0 : b1;
+        const float f0 = f0a * sb, f1 = f1a * sb;
+        to[4 * j + 0] += part[4 * j + 0] * f0;
+        to[4 * j + 1] += part[4 * j + 1] * f0;
+        to[4 * j + 2] += part[4 * j + 2] * f1;
+        to[4 * j + 3] += part[4 * j + 3] * f1;
+      }
+    };
     for (;;) {
       const int t = ReceiveTile(s, slot, slot_phase, lane);
       if (t >= total) break;
@@ -504,60 +530,64 @@ __global__ void __launch_bounds__(kThreads, 1)
       TileCoords<BM>(s, num_groups, num_units, TN, t, &g, &row0, &end, &n0);
       const int row0h = row0 + row_in;
       const int col0 = n0 + (kGated ? 0 : brow_in);  // this warpgroup's first output column
+      if (kWide && row0h >= end) {
+        // no row of this half is in the group (its a rows were not even loaded): release the
+        // stages without MMAs; nothing to store. A weight tile has one such tile reading it
+        // (up to 128 rows per group), so its cost cannot pull CTAs that share one apart.
+        for (int kb = 0; kb < kb_count; ++kb) {
+          if (ct == 0) {
+            MbarWait(&s.full[stage], phase);
+            MbarArrive(&s.empty[stage]);
+          }
+          next();
+        }
+        continue;
+      }
       float act[kAct ? 64 : 1];
 #pragma unroll
-      for (int p = 0; p < kPasses; ++p) {
+      for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+      if constexpr (kWide) {
 #pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-        for (int kb = 0; kb < kb_count; ++kb) {
-          MbarWait(&s.full[stage], phase);
-          const int st = stage;
-          const float b0 = s.sb[st][sb_lo], b1 = s.sb[st][sb_hi];
-          const float f0a = s.sa[st][r_in], f1a = s.sa[st][r_in + 8];
-          const uint64_t da = SmemDesc(s.a[st] + row_in * BK);
-          const uint64_t db = SmemDesc(s.b[st] + brow_in * BK);
+        for (int i = 0; i < 64; ++i) acc_hi[i] = 0.0f;
+      }
+      for (int kb = 0; kb < kb_count; ++kb) {
+        MbarWait(&s.full[stage], phase);
+        const int st = stage;
+        const float b0 = s.sb[st][sb_lo], b1 = s.sb[st][sb_hi];
+        const float f0a = s.sa[st][r_in], f1a = s.sa[st][r_in + 8];
+        const uint64_t da = SmemDesc(s.a[st] + row_in * BK);
+        const uint64_t db = SmemDesc(s.b[st] + brow_in * BK);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 32; ++kk) Wgmma(part, da + 2 * kk, db + 2 * kk, kk > 0);
+        WgmmaCommit();
+        if constexpr (kWide) {  // b rows [0, 128), then [128, 256) into the same partial
+          WgmmaWait0();
+          promote(acc, f0a, f1a, b0, b1);
+          const uint64_t db_hi = SmemDesc(s.b[st] + 128 * BK);
           WgmmaFence();
 #pragma unroll
-          for (int kk = 0; kk < BK / 32; ++kk) Wgmma(part, da + 2 * kk, db + 2 * kk, kk > 0);
+          for (int kk = 0; kk < BK / 32; ++kk) Wgmma(part, da + 2 * kk, db_hi + 2 * kk, kk > 0);
           WgmmaCommit();
-          next();
-          WgmmaWait0();
-          if (ct == 0) MbarArrive(&s.empty[st]);
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {  // 8-column groups never straddle a scale block
-            const float sb = (8 * j < split) ? b0 : b1;
-            const float f0 = f0a * sb, f1 = f1a * sb;
-            acc[4 * j + 0] += part[4 * j + 0] * f0;
-            acc[4 * j + 1] += part[4 * j + 1] * f0;
-            acc[4 * j + 2] += part[4 * j + 2] * f1;
-            acc[4 * j + 3] += part[4 * j + 3] * f1;
-          }
         }
-        if constexpr (kGated) {
-          float half[32];  // this pass's 64 columns
-          if (activation == kGeglu) ActivateTile<kGeglu, EPI>(acc, half);
-          else ActivateTile<kSwiglu, EPI>(acc, half);
-          if constexpr (kSplitRows) {
-            float* keep = reinterpret_cast<float*>(out);  // [32][128 threads]: conflict free
-            if (p == 0) {
-              AwaitOutBuffer(ct, wg);
-#pragma unroll
-              for (int i = 0; i < 32; ++i) keep[i * 128 + ct] = half[i];
-            } else {
-#pragma unroll
-              for (int i = 0; i < 32; ++i) {
-                act[i] = keep[i * 128 + ct];
-                act[32 + i] = half[i];
-              }
-            }
-          } else {
-#pragma unroll
-            for (int i = 0; i < 32; ++i) act[i] = half[i];
-          }
-        } else if constexpr (EPI == kActPlain) {
-          if (activation == kRelu2) ActivateTile<kRelu2, EPI>(acc, act);
-          else ActivateTile<kIdentity, EPI>(acc, act);
+        next();
+        WgmmaWait0();
+        if (ct == 0) MbarArrive(&s.empty[st]);
+        if constexpr (kWide) promote(acc_hi, f0a, f1a, b0, b1);
+        else promote(acc, f0a, f1a, b0, b1);
+      }
+      if constexpr (kGated) {
+        // 32 activations of each 128 b rows (64 up + 64 gate): own64's warpgroup has one such
+        // half, own128's two (the tile's 128 columns)
+        if (activation == kGeglu) ActivateTile<kGeglu, EPI>(acc, act);
+        else ActivateTile<kSwiglu, EPI>(acc, act);
+        if constexpr (kWide) {
+          if (activation == kGeglu) ActivateTile<kGeglu, EPI>(acc_hi, act + 32);
+          else ActivateTile<kSwiglu, EPI>(acc_hi, act + 32);
         }
+      } else if constexpr (EPI == kActPlain) {
+        if (activation == kRelu2) ActivateTile<kRelu2, EPI>(acc, act);
+        else ActivateTile<kIdentity, EPI>(acc, act);
       }
       const int g0 = s.offsets[g];
       if constexpr (kGated && !kSplitRows) {
@@ -594,8 +624,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float2 amax = RowAbsMax<64>(act);
         const float s0 = fmaxf(amax.x / 448.0f, FLT_MIN), s1 = fmaxf(amax.y / 448.0f, FLT_MIN);
         if (lane % 4 == 0 && col0 < n_out) PutRowScales(d_scale, g0, end, n_out, col0, row0h + rl0, s0, s1);
-        if (EPI == kActPlain) AwaitOutBuffer(ct, wg);
-        else WarpgroupBarrier(wg);  // every thread has read its pass-0 values back
+        AwaitOutBuffer(ct, wg);
         PutFp8<64>(out, rl0, lane, 0, act, s0, s1);
       } else {
         // epilogue: registers -> swizzled shared memory -> global
@@ -668,12 +697,12 @@ cudaError_t Launch(cudaStream_t stream, bool pdl, int g, int m, int n, int k, co
                    int activation, int* tile_counter, const char** what) {
   const int n_out = EPI == kActGated ? n / 2 : n;
   CUtensorMap map_a, map_b, map_d;
-  if (!EncodeMap(&map_a, a, m, k, 1, BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, 64) ||
+  if (!EncodeMap(&map_a, a, m, k, 1, EPI == kActGated && BM == 128 ? 64 : BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, 64) ||
       !EncodeMap(&map_d, d, m, n_out, int(sizeof(OutT)), 64)) {
     *what = "cuTensorMapEncodeTiled failed";
     return cudaErrorInvalidValue;
   }
-  using S = Smem<BM, OutBufferBytes<BM, OutT, EPI>()>;
+  using S = Smem<BM, TileBRows<BM, EPI>(), OutBufferBytes<OutT>()>;
   const size_t smem = sizeof(S) + 1024;
   static_assert(sizeof(S) + 1024 <= kSmemLimit, "shared memory");
   auto kernel = OwnGroupedGemmKernel<BM, OutT, EPI>;

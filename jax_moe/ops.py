@@ -206,8 +206,9 @@ def act_quant(g, p: Plan, activation_type):
 # --------------------------------------------------------------------------- GEMM1 + activation
 GEMM1_ENV = "JAX_MOE_GEMM1"
 GEMM1_MODES = ("auto", "fused", "fused128", "fused64", "split")
-GEMM1_BLOCK_M = (128, 64)  # row tiles of the fused kernel: own128 or own64
-GEMM1_FUSED_BLOCK_M = 64  # mode "fused" and "auto": 64 x 256 tiles pad each group's rows to 64
+GEMM1_BLOCK_M = (128, 64)  # row tiles of the fused kernel: 128 x 256 (gated) / 128 x 128, or 64 x 256
+# "auto" and "fused" take the 128-row tile above this many rows per expert, else the 64-row one
+GEMM1_WIDE_ABOVE_ROWS = 48
 
 
 def gemm1_fused_for(rows_per_group, num_groups):
@@ -216,7 +217,9 @@ def gemm1_fused_for(rows_per_group, num_groups):
     act_quant. On an H100 (tools/tile_sweep.py, benchmarks/RESULTS.md, ninth session) fused
     64 x 256 tiles win from 17 to 64 rows per group (T=1024: 4.068 -> 4.014 ms, prefill T=2048
     4.494 -> 4.434); at <= 16 rows the split stages are 1-3 % faster, and above 64 rows the
-    fused kernel loses to CUTLASS's GEMM + act_quant (prefill T=8192 9.4 vs 8.9 ms)."""
+    fused kernel loses to CUTLASS's GEMM + act_quant (prefill T=8192 9.4 vs 8.9 ms; with the
+    128 x 256 tile of the twenty-second session still at EP T=4096, 718 vs 727 us, and EP
+    T=16384, 1897 vs 1960 us). The row tile: `gemm1_fused_block_m_for`."""
     return 16 < rows_per_group <= 64 and num_groups <= OWN_GEMM_MAX_GROUPS
 
 
@@ -226,8 +229,9 @@ def gemm1_act_quant_raw(a, a_scale, b, b_scale, expert_offsets, activation_type,
     [G+1] (G <= 512) -> (fp8 [M, I], scales f32 [M*I/128] grouped MN-major): act_quant of the
     grouped GEMM (float32 accumulation, rounded to bfloat16 like the split GEMM1's output),
     computed in the GEMM's epilogue (no [M, N] intermediate in memory). Rows
-    past offsets[G] are not written. `block_m`: the own kernel's row tile, 128 (128 x 128
-    tiles, two passes over K for gated activations) or 64 (64 x 256 tiles, one pass)."""
+    past offsets[G] are not written. `block_m`: the own kernel's row tile, 128 (gated: 128 x 256
+    tiles, each math warpgroup on 64 rows and the up and gate rows of 128 columns; otherwise
+    128 x 128) or 64 (64 x 256 tiles, the warpgroups on the same rows)."""
     if block_m not in GEMM1_BLOCK_M:
         raise ValueError(f"block_m: expected one of {GEMM1_BLOCK_M}, got {block_m!r}")
     m, _ = a.shape
@@ -245,7 +249,7 @@ def gemm1_act_quant(rows, row_scales, weights, weight_scales, p: Plan, activatio
                     rows_per_group=None):
     """The pipeline's GEMM1 + act_quant stage: fused (`gemm1_act_quant_raw`) or split (grouped
     GEMM with bfloat16 output (reference.G_DTYPE), then `act_quant`), by `gemm1_fused_for` unless
-    $JAX_MOE_GEMM1 says "fused" (row tile GEMM1_FUSED_BLOCK_M), "fused128", "fused64" or
+    $JAX_MOE_GEMM1 says "fused" (row tile by `gemm1_fused_block_m_for`), "fused128", "fused64" or
     "split" (read at trace time). A tile forced by $JAX_MOE_GEMM_TILE means split, unless
     $JAX_MOE_GEMM1 says otherwise."""
     g = weights.shape[0]
@@ -272,7 +276,18 @@ def _gemm1_fused_block_m(rows_per_group, num_groups):
         fused = mode.startswith("fused")
     if not fused or num_groups > OWN_GEMM_MAX_GROUPS:
         return 0
-    return {"fused128": 128, "fused64": 64}.get(mode, GEMM1_FUSED_BLOCK_M)
+    return {"fused128": 128, "fused64": 64}.get(mode, gemm1_fused_block_m_for(rows_per_group))
+
+
+def gemm1_fused_block_m_for(rows_per_group):
+    """The fused GEMM1's row tile for "auto" and "fused". 64 x 256 tiles pad each group's rows
+    to 64, so a group of 65-128 rows gets two tiles that read each weight tile twice through the
+    L2; 128-row tiles (gated: 128 x 256, each math warpgroup on 64 rows and all 256 weight rows,
+    a half past the group's end loading no rows and running no MMAs) read it once. On an H100
+    (benchmarks/RESULTS.md, twenty-second session) the 128-row tile wins at 64 rows per expert
+    (prefill T=2048: 4204 -> 4111 us) and loses at 48 (T=1536: 3974 -> 3996) and 32 (EP T=1024:
+    532 -> 551), where few groups exceed 64 rows."""
+    return 128 if rows_per_group > GEMM1_WIDE_ABOVE_ROWS else 64
 
 
 # --------------------------------------------------------------------------- stage + GEMM pairs

@@ -96,13 +96,16 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
     (1, 256, 256, "pair64", "pair64"), (16, 256, 256, "pair64", "pair64"),  # <= 16 rows
     (512, 256, 32, "pair64", "pair64"),
     (544, 256, 32, "fused64", "own64"), (1024, 256, 32, "fused64", "own64"),  # 17, 32 rows
-    (2048, 256, 256, "fused64", "own128"), (2080, 256, 32, "128", "128"),   # 64, 65 rows
+    (1536, 256, 256, "fused64", "own128"),                                  # 48 rows
+    (1568, 256, 256, "fused128", "own128"),                                 # 49 rows: 128 x 256 tiles
+    (2048, 256, 256, "fused128", "own128"), (2080, 256, 32, "128", "128"),  # 64, 65 rows
     (4096, 256, 32, "128", "128"),                                           # 128 rows
 ])
 def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc, gemm1, gemm2):
     """rows per local expert = T*k/E (not T*k/E_loc: a local slice receives ~E_loc/E of the
     rows) sets GEMM2's tile (jax_moe.ops.gemm_tile_for) and whether GEMM1 runs fused with
-    act_quant (jax_moe.ops.gemm1_fused_for) or split with the same tile as GEMM2 -- with the own
+    act_quant (jax_moe.ops.gemm1_fused_for; its row tile by gemm1_fused_block_m_for) or split
+    with the same tile as GEMM2 -- with the own
     kernel as the stage pairs permute + GEMM1, act_quant + GEMM2."""
     monkeypatch.delenv(ops.TILE_ENV, raising=False)
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
@@ -147,8 +150,9 @@ def test_pipeline_env_overrides(monkeypatch):
     monkeypatch.delenv(ops.PAIRS_ENV, raising=False)
     monkeypatch.setenv(ops.TILE_ENV, "64")
     assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["64", "64"]
-    monkeypatch.setenv(ops.GEMM1_ENV, "fused")
-    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["fused64", "64"]
+    monkeypatch.setenv(ops.GEMM1_ENV, "fused")  # the row tile as "auto" would take it
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["fused128", "64"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 1024, 256, 256) == ["fused64", "64"]
     monkeypatch.delenv(ops.TILE_ENV)
     assert _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256) == ["fused64", "own64"]
     monkeypatch.setenv(ops.GEMM1_ENV, "fused128")

@@ -36,6 +36,19 @@ def sampled(fn, label):
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192], help="op workloads (256 local experts)")
+    ap.add_argument("--no-cublas", action="store_true")
+    args = ap.parse_args()
+    if not args.no_cublas:
+        cublas()
+    w = deepseek_weights(256)
+    for t in args.tokens:
+        op(w, t)
+
+
+def cublas():
     n = 8192
     a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
     b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
@@ -54,8 +67,9 @@ def main():
     del a, b
     torch.cuda.empty_cache()
 
-    w = deepseek_weights(256)
-    sets = token_sets(w, 8192)
+
+def op(w, t):
+    sets = token_sets(w, t)
     f = jax.jit(lambda *x: jax_moe.fp8_block_scale_moe(*x, **KW))
     for i in range(3):
         jax.block_until_ready(f(*sets[i % 2]))
@@ -67,7 +81,7 @@ def main():
                 out = f(*sets[i % 2])
             jax.block_until_ready(out)
             return lambda dt: f"{dt / reps * 1e3:7.3f} ms/call"
-        sampled(run, f"op prefill T=8192 x {reps}")
+        sampled(run, f"op T={t} x {reps}")
         time.sleep(2.0)
 
 
