@@ -65,12 +65,23 @@ constexpr int kTileReaders = 9;   // the scale warp and the 8 math warps
 // What the epilogue writes (see OwnGroupedGemmKernel).
 enum Epilogue : int { kStore = 0, kActGated = 1, kActPlain = 2 };
 
-// Rows of b per tile for BM rows of a (see the design note): 256, except own128's 128 for
-// kStore and kActPlain.
+// The wide tile (see the design note): 128 x 256 for the fused GEMM1 of a gated activation.
+template <int BM, int EPI>
+constexpr bool WideTile() {
+  return BM == 128 && EPI == kActGated;
+}
+
+// Rows of b per tile for BM rows of a (see the design note): 256, except own128's 128.
 template <int BM, int EPI>
 constexpr int TileBRows() {
   static_assert(BM == 128 || BM == 64, "tile rows");
-  return BM == 128 && EPI != kActGated ? 128 : 256;
+  return BM == 128 && !WideTile<BM, EPI>() ? 128 : 256;
+}
+
+// Rows of a per TMA box: the wide tile loads its two 64-row halves separately.
+template <int BM, int EPI>
+constexpr int ABoxRows() {
+  return WideTile<BM, EPI>() ? 64 : BM;
 }
 
 template <int BM, int BN, int OUT_BYTES>  // OUT_BYTES: one math warpgroup's output buffer
@@ -338,8 +349,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(!kAct || sizeof(OutT) == 1, "the fused epilogue writes fp8");
   constexpr bool kGated = EPI == kActGated;
   constexpr bool kSplitRows = BM == 128;   // warpgroups on different rows (own128) or columns (own64)
-  // own128 gated: each warpgroup's 64 rows x all 256 b rows, as two 128-row halves
-  constexpr bool kWide = kGated && kSplitRows;
+  // the wide tile: each warpgroup's 64 rows x all 256 b rows, as two 128-row halves
+  constexpr bool kWide = WideTile<BM, EPI>();
   constexpr int OB = int(sizeof(OutT));
   constexpr int BN = TileBRows<BM, EPI>(), TN = TileOutCols<BM, EPI>();
   using S = Smem<BM, BN, OutBufferBytes<OutT>()>;
@@ -446,11 +457,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             MbarWait(&s.empty[stage], phase ^ 1);
             MbarExpectTx(&s.full[stage], (rows_a + BN) * BK);
           }
-          if constexpr (kWide) {
-            for (int r = 0; r < rows_a; r += 64) TmaLoad(s.a[stage] + r * BK, &map_a, &s.full[stage], kb * BK, row0 + r);
-          } else {
-            TmaLoad(s.a[stage], &map_a, &s.full[stage], kb * BK, row0);
-          }
+          for (int r = 0; r < rows_a; r += ABoxRows<BM, EPI>())
+            TmaLoad(s.a[stage] + r * BK, &map_a, &s.full[stage], kb * BK, row0 + r);
           if (!b_issued) load_b(stage, g, n0, kb);
           if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
@@ -469,32 +477,30 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int g0 = s.offsets[g], rows_g = end - g0;
         const float* sa = a_scale + int64_t(g0) * kb_count + (row0 - g0);
         const float* sb = b_scale + int64_t(g) * nb_count * kb_count;
-        {
-          // gated: the blocks of the up and the gate rows; else of b rows [0, 128) and [128, 256)
-          const int nb0 = kGated ? BBoxRow<EPI>(0, n0, n_out) / 128 : min(n0 / 128, nb_count - 1);
-          const int nb1 = kGated ? BBoxRow<EPI>(1, n0, n_out) / 128 : min(n0 / 128 + 1, nb_count - 1);
-          for (int kb = 0; kb < kb_count; ++kb) {
-            float v[BM / 32];
+        // gated: the blocks of the up and the gate rows; else of b rows [0, 128) and [128, 256)
+        const int nb0 = kGated ? BBoxRow<EPI>(0, n0, n_out) / 128 : min(n0 / 128, nb_count - 1);
+        const int nb1 = kGated ? BBoxRow<EPI>(1, n0, n_out) / 128 : min(n0 / 128 + 1, nb_count - 1);
+        for (int kb = 0; kb < kb_count; ++kb) {
+          float v[BM / 32];
 #pragma unroll
-            for (int i = 0; i < BM / 32; ++i) {
-              const int r = lane + 32 * i;
-              v[i] = row0 + r < end ? __ldg(sa + int64_t(kb) * rows_g + r) : 0.0f;
-            }
-            const float vb = lane < 2 ? __ldg(sb + int64_t(lane == 0 ? nb0 : nb1) * kb_count + kb) : 0.0f;
-            MbarWait(&s.empty[stage], phase ^ 1);
-#pragma unroll
-            for (int i = 0; i < BM / 32; ++i) s.sa[stage][lane + 32 * i] = v[i];
-            if (lane < 2) s.sb[stage][lane] = vb;
-            MbarArrive(&s.full[stage]);
-            if (++stage == STAGES) { stage = 0; phase ^= 1; }
+          for (int i = 0; i < BM / 32; ++i) {
+            const int r = lane + 32 * i;
+            v[i] = row0 + r < end ? __ldg(sa + int64_t(kb) * rows_g + r) : 0.0f;
           }
+          const float vb = lane < 2 ? __ldg(sb + int64_t(lane == 0 ? nb0 : nb1) * kb_count + kb) : 0.0f;
+          MbarWait(&s.empty[stage], phase ^ 1);
+#pragma unroll
+          for (int i = 0; i < BM / 32; ++i) s.sa[stage][lane + 32 * i] = v[i];
+          if (lane < 2) s.sb[stage][lane] = vb;
+          MbarArrive(&s.full[stage]);
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
       }
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    // math warpgroup w = wg - 1: own128 rows [64w, 64w + 64) x b rows [0, 128) of the tile;
-    // own64 rows [0, 64) x b rows [128w, 128w + 128)
+    // math warpgroup w = wg - 1: own128 rows [64w, 64w + 64) x b rows [0, 128) of the tile
+    // (wide: [0, 256), as two halves); own64 rows [0, 64) x b rows [128w, 128w + 128)
     const int w = wg - 1;
     const int ct = tid - 128 * wg;
     const int warp = ct / 32, lane = ct % 32;
@@ -697,7 +703,7 @@ cudaError_t Launch(cudaStream_t stream, bool pdl, int g, int m, int n, int k, co
                    int activation, int* tile_counter, const char** what) {
   const int n_out = EPI == kActGated ? n / 2 : n;
   CUtensorMap map_a, map_b, map_d;
-  if (!EncodeMap(&map_a, a, m, k, 1, EPI == kActGated && BM == 128 ? 64 : BM) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, 64) ||
+  if (!EncodeMap(&map_a, a, m, k, 1, ABoxRows<BM, EPI>()) || !EncodeMap(&map_b, b, uint64_t(g) * n, k, 1, 64) ||
       !EncodeMap(&map_d, d, m, n_out, int(sizeof(OutT)), 64)) {
     *what = "cuTensorMapEncodeTiled failed";
     return cudaErrorInvalidValue;
