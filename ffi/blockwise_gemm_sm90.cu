@@ -425,10 +425,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < BN / 64; ++i)
           TmaLoad(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, n_out));
       };
-      // kWide: a in 64-row boxes, the second only if the group reaches it (a half past the
-      // group's end runs no MMAs, so a tile of one reader per weight tile moves no more of a
-      // through the L2 than the group has rows)
-      auto a_rows = [&](int row0, int end) { return kWide && row0 + 64 >= end ? 64 : BM; };
+      // kWide: a in boxes of half the tile's rows, the second only if the group reaches it (a
+      // half past the group's end runs no MMAs, so a tile of one reader per weight tile moves no
+      // more of a through the L2 than the group has rows)
+      constexpr int kABox = ABoxRows<BM, EPI>();
+      auto a_rows = [&](int row0, int end) { return kWide && row0 + kABox >= end ? kABox : BM; };
       // The first tile's weight loads for the first stages go out before the grid-dependency
       // wait (see LaunchOwnGroupedGemm: b is complete when the kernel before this one starts),
       // so under PDL they overlap that kernel; a, its output, is loaded after the wait.
@@ -457,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             MbarWait(&s.empty[stage], phase ^ 1);
             MbarExpectTx(&s.full[stage], (rows_a + BN) * BK);
           }
-          for (int r = 0; r < rows_a; r += ABoxRows<BM, EPI>())
+          for (int r = 0; r < rows_a; r += kABox)
             TmaLoad(s.a[stage] + r * BK, &map_a, &s.full[stage], kb * BK, row0 + r);
           if (!b_issued) load_b(stage, g, n0, kb);
           if (++stage == STAGES) { stage = 0; phase ^= 1; }

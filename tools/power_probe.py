@@ -1,11 +1,12 @@
 """Sustained vs burst rates on the GPU, with the SM clock and board power sampled by nvidia-smi
 (every 20 ms) during each phase: cuBLAS FP8 8192^3 GEMM (torch._scaled_mm) for the benchmark's
-20 calls and for ~1 s of calls back to back, and the jitted op at prefill T=8192 for 20 and for
-100 calls back to back. Tells whether the compute-bound workloads run power-capped at clocks the
+20 calls and for ~1 s of calls back to back, and the jitted op (256 local experts, each T of
+--tokens, default 8192) for 20 and for 100 calls back to back. Tells whether the compute-bound workloads run power-capped at clocks the
 20-call ceiling never sees.
 
-    python tools/power_probe.py
+    python tools/power_probe.py [--tokens 2048 8192] [--no-cublas]
 """
+import argparse
 import subprocess
 import time
 
@@ -36,7 +37,6 @@ def sampled(fn, label):
 
 
 def main():
-    import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192], help="op workloads (256 local experts)")
     ap.add_argument("--no-cublas", action="store_true")

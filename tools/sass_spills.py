@@ -1,7 +1,7 @@
 """Where a kernel's register spills sit: dumps the SASS of the extension (cuobjdump, on the GPU
 machine) and, for each function whose name contains every given substring, counts the local
-memory accesses (LDL / STL) and how many of them lie between the first and the last HGMMA or QGMMA (FP8) (the
-wgmma main loop), printing those with a little context.
+memory accesses (LDL / STL) and how many of them lie between the first and the last wgmma
+(HGMMA / QGMMA in SASS: the main loop), printing those.
 
     python tools/sass_spills.py jax_moe/_ffi*.so OwnGroupedGemmKernelILi128EhLi1E
 """
