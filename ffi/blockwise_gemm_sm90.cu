@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstdlib>
 #include <cstdint>
 #include <string>
 
@@ -64,6 +65,19 @@ constexpr int kTileReaders = 9;   // the scale warp and the 8 math warps
 
 // What the epilogue writes (see OwnGroupedGemmKernel).
 enum Epilogue : int { kStore = 0, kActGated = 1, kActPlain = 2 };
+
+// Weight tiles that only this CTA reads go through the L2 with an evict_first policy when the
+// GEMM has at most this many rows (below offsets[G]): the decode calls, whose weight stream
+// (0.35-4.4 GB) otherwise pushes the small kernels' code and buffers out of the L2 between one
+// op and the next. On an H100 (benchmarks/RESULTS.md, twenty-third session): decode T=1 144 ->
+// 141 us, T=16 1457 -> 1445, EP T=64 430 -> 427; from ~1000 rows (decode T=128, prefill T=2048)
+// evict_first on every one-reader tile was 1-2 % slower, so those calls load as before.
+// $JAX_MOE_WEIGHT_EVICT_FIRST=off (read at each launch) turns it off for A/B runs.
+constexpr int kEvictFirstMaxRows = 256;
+inline int EvictFirstMaxRows() {
+  const char* v = std::getenv("JAX_MOE_WEIGHT_EVICT_FIRST");
+  return (v != nullptr && std::string(v) == "off") ? -1 : kEvictFirstMaxRows;
+}
 
 // The wide tile (see the design note): 128 x 256 for the fused GEMM1 of a gated activation.
 template <int BM, int EPI>
@@ -131,6 +145,22 @@ __device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, uint6
           SmemAddr(dst)),
       "l"(map), "r"(SmemAddr(bar)), "r"(x), "r"(y)
       : "memory");
+}
+// The same load with an L2 cache policy (createpolicy): for weight tiles that no other CTA reads,
+// evict_first keeps the stream from pushing everything else (the small kernels' code and buffers)
+// out of the L2.
+__device__ __forceinline__ void TmaLoadHint(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y,
+                                            uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(
+          SmemAddr(dst)),
+      "l"(map), "r"(SmemAddr(bar)), "r"(x), "r"(y), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ uint64_t EvictFirstPolicy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
 }
 __device__ __forceinline__ void TmaStore(const CUtensorMap* map, const void* src, int x, int y) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(map),
@@ -344,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                          const __grid_constant__ CUtensorMap map_d, const float* __restrict__ a_scale,
                          const float* __restrict__ b_scale, const int32_t* __restrict__ offsets, int num_groups,
                          int m, int n, int k, OutT* __restrict__ d, float* __restrict__ d_scale, int activation,
-                         int* __restrict__ tile_counter) {
+                         int* __restrict__ tile_counter, int evict_first_max_rows) {
   constexpr bool kAct = EPI != kStore;
   static_assert(!kAct || sizeof(OutT) == 1, "the fused epilogue writes fp8");
   constexpr bool kGated = EPI == kActGated;
@@ -420,11 +450,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) {  // TMA loads of A and B; claims the tiles
       // 64-row boxes of b: the same swizzled layout as one box
-      auto load_b = [&](int st, int g, int n0, int kb) {
+      const uint64_t evict_first = EvictFirstPolicy();
+      auto load_b = [&](int st, int g, int n0, int kb, bool one_reader) {
 #pragma unroll
-        for (int i = 0; i < BN / 64; ++i)
-          TmaLoad(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, n_out));
+        for (int i = 0; i < BN / 64; ++i) {
+          if (one_reader)
+            TmaLoadHint(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, n_out),
+                        evict_first);
+          else
+            TmaLoad(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, n_out));
+        }
       };
+      // a weight tile whose group fits one row tile has this CTA as its only reader
+      const bool few_rows = s.offsets[num_groups] <= evict_first_max_rows;
+      auto one_reader = [&](int g, int end) { return few_rows && end - s.offsets[g] <= BM; };
       // kWide: a in boxes of half the tile's rows, the second only if the group reaches it (a
       // half past the group's end runs no MMAs, so a tile of one reader per weight tile moves no
       // more of a through the L2 than the group has rows)
@@ -440,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         early = min(STAGES, kb_count);
         for (int kb = 0; kb < early; ++kb) {  // fresh stages: no empty wait
           MbarExpectTx(&s.full[kb], (a_rows(row0, end) + BN) * BK);
-          load_b(kb, g, n0, kb);
+          load_b(kb, g, n0, kb, one_reader(g, end));
         }
       }
       GridDependencyWait();
@@ -452,6 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         int g, row0, end, n0;
         TileCoords<BM>(s, num_groups, num_units, TN, t, &g, &row0, &end, &n0);
         const int rows_a = a_rows(row0, end);
+        const bool lone = one_reader(g, end);
         for (int kb = 0; kb < kb_count; ++kb) {
           const bool b_issued = kb < early;
           if (!b_issued) {
@@ -460,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           for (int r = 0; r < rows_a; r += kABox)
             TmaLoad(s.a[stage] + r * BK, &map_a, &s.full[stage], kb * BK, row0 + r);
-          if (!b_issued) load_b(stage, g, n0, kb);
+          if (!b_issued) load_b(stage, g, n0, kb, lone);
           if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
         early = 0;
@@ -723,7 +763,7 @@ cudaError_t Launch(cudaStream_t stream, bool pdl, int g, int m, int n, int k, co
   }
   *what = "kernel launch";
   return LaunchKernel(kernel, NumSms(), kThreads, smem, stream, pdl, map_a, map_b, map_d, a_scale, b_scale, offsets, g,
-                      m, n, k, static_cast<OutT*>(d), d_scale, activation, tile_counter);
+                      m, n, k, static_cast<OutT*>(d), d_scale, activation, tile_counter, EvictFirstMaxRows());
 }
 
 // GEMM1 of an MoE with SPEC 3 steps 3-4 in its epilogue: the result of act_quant(grouped_gemm)
