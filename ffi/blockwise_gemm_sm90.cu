@@ -72,11 +72,14 @@ enum Epilogue : int { kStore = 0, kActGated = 1, kActPlain = 2 };
 // op and the next. On an H100 (benchmarks/RESULTS.md, twenty-third session): decode T=1 144 ->
 // 141 us, T=16 1457 -> 1445, EP T=64 430 -> 427; from ~1000 rows (decode T=128, prefill T=2048)
 // evict_first on every one-reader tile was 1-2 % slower, so those calls load as before.
-// $JAX_MOE_WEIGHT_EVICT_FIRST=off (read at each launch) turns it off for A/B runs.
+// $JAX_MOE_WEIGHT_EVICT_FIRST=off (read once per process) turns it off for A/B runs.
 constexpr int kEvictFirstMaxRows = 256;
 inline int EvictFirstMaxRows() {
-  const char* v = std::getenv("JAX_MOE_WEIGHT_EVICT_FIRST");
-  return (v != nullptr && std::string(v) == "off") ? -1 : kEvictFirstMaxRows;
+  static const int rows = [] {
+    const char* v = std::getenv("JAX_MOE_WEIGHT_EVICT_FIRST");
+    return (v != nullptr && std::string(v) == "off") ? -1 : kEvictFirstMaxRows;
+  }();
+  return rows;
 }
 
 // The wide tile (see the design note): 128 x 256 for the fused GEMM1 of a gated activation.
@@ -454,11 +457,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto load_b = [&](int st, int g, int n0, int kb, bool one_reader) {
 #pragma unroll
         for (int i = 0; i < BN / 64; ++i) {
+          uint8_t* dst = s.b[st] + i * 64 * BK;
+          const int row = g * n + BBoxRow<EPI>(i, n0, n_out);
           if (one_reader)
-            TmaLoadHint(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, n_out),
-                        evict_first);
+            TmaLoadHint(dst, &map_b, &s.full[st], kb * BK, row, evict_first);
           else
-            TmaLoad(s.b[st] + i * 64 * BK, &map_b, &s.full[st], kb * BK, g * n + BBoxRow<EPI>(i, n0, n_out));
+            TmaLoad(dst, &map_b, &s.full[st], kb * BK, row);
         }
       };
       // a weight tile whose group fits one row tile has this CTA as its only reader
@@ -477,9 +481,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         int g, row0, end, n0;
         TileCoords<BM>(s, num_groups, num_units, TN, blockIdx.x, &g, &row0, &end, &n0);
         early = min(STAGES, kb_count);
+        const bool lone = one_reader(g, end);
         for (int kb = 0; kb < early; ++kb) {  // fresh stages: no empty wait
           MbarExpectTx(&s.full[kb], (a_rows(row0, end) + BN) * BK);
-          load_b(kb, g, n0, kb, one_reader(g, end));
+          load_b(kb, g, n0, kb, lone);
         }
       }
       GridDependencyWait();
