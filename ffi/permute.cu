@@ -25,14 +25,45 @@
 #include <cstdint>
 
 #include "ffi_common.h"
-#include "plan_block.cuh"
 #include "stages.h"
 
 namespace jax_moe {
 namespace {
 
-using namespace plan_block;  // LocalRange, Bucket, CountChunk, AssignChunk, PlanChunk
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxLocalExperts = 512;
+constexpr int kPlanThreads = 256;
+constexpr int kPlanWarps = kPlanThreads / 32;
 constexpr int kScanThreads = 1024;
+
+// Which ids are local: id - offset in [0, E), and id in [0, num_global) when num_global > 0.
+struct LocalRange {
+  int32_t offset;
+  int32_t num_global;
+};
+
+__device__ __forceinline__ int Bucket(int32_t id, int num_experts, LocalRange lr) {
+  if (lr.num_global > 0 && (id < 0 || id >= lr.num_global)) return num_experts;
+  const int64_t local = static_cast<int64_t>(id) - lr.offset;
+  return (local >= 0 && local < num_experts) ? static_cast<int>(local) : num_experts;
+}
+
+// Adds the bucket counts of slots [begin, end) to the shared-memory histogram `hist` [E + 1]:
+// a shared atomic per local slot, the non-local ones (bucket E: most slots of an expert-parallel
+// slice) summed per warp first. (A warp match_any per round, which aggregates every bucket,
+// costs several times more: the fused plan kernel counts all slots in every block.)
+__device__ __forceinline__ void CountChunk(const int32_t* __restrict__ ids, int64_t begin,
+                                           int64_t end, int num_experts, LocalRange lr, int* hist) {
+  int not_local = 0;
+#pragma unroll 4
+  for (int64_t s = begin + threadIdx.x; s < end; s += blockDim.x) {
+    const int b = Bucket(ids[s], num_experts, lr);
+    if (b < num_experts) atomicAdd(&hist[b], 1);
+    else ++not_local;
+  }
+  not_local = __reduce_add_sync(kFull, not_local);  // every lane is here: the loop has no sync
+  if ((threadIdx.x & 31) == 0 && not_local > 0) atomicAdd(&hist[num_experts], not_local);
+}
 
 // Kernel 1: histogram of each chunk over E + 1 buckets.
 __global__ void __launch_bounds__(kPlanThreads)
@@ -82,6 +113,42 @@ __global__ void __launch_bounds__(kScanThreads)
   if (b < nb) offsets[b] = excl;  // offsets[E] = sum over local experts
 }
 
+// The assign loop over slots [begin, end) of one block: `next` holds each bucket's first free
+// row, `table` is zeroed per-warp scratch [kPlanWarps][E + 1] (both in shared memory).
+__device__ __forceinline__ void AssignChunk(const int32_t* __restrict__ ids, int64_t num_slots,
+                                            int64_t begin, int64_t end, int num_experts,
+                                            LocalRange lr, int* next, int* table,
+                                            int32_t* __restrict__ slot_to_row,
+                                            int32_t* __restrict__ row_to_slot) {
+  const int nb = num_experts + 1;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const unsigned lt = LaneMaskLt();
+  for (int64_t base = begin; base < end; base += blockDim.x) {  // uniform trip count
+    const int64_t s = base + threadIdx.x;
+    const bool valid = s < end;
+    const int b = valid ? Bucket(ids[s], num_experts, lr) : -1;
+    const unsigned peers = __match_any_sync(kFull, b);
+    const bool leader = valid && lane == __ffs(peers) - 1;
+    const int cnt = __popc(peers);
+    if (leader) table[warp * nb + b] = cnt;
+    __syncthreads();
+    if (valid) {
+      int row = next[b] + __popc(peers & lt);
+      for (int w = 0; w < warp; ++w) row += table[w * nb + b];
+      const bool local = b < num_experts;
+      slot_to_row[s] = local ? row : -1;
+      if (row >= 0 && row < num_slots) row_to_slot[row] = local ? static_cast<int32_t>(s) : -1;
+    }
+    __syncthreads();
+    if (leader) {
+      atomicAdd(&next[b], cnt);
+      table[warp * nb + b] = 0;
+    }
+    __syncwarp();
+  }
+}
+
 // Kernel 3: stable rank of every slot within its bucket.
 __global__ void __launch_bounds__(kPlanThreads)
     PlanAssignKernel(const int32_t* __restrict__ ids, int64_t num_slots, int64_t chunk,
@@ -102,16 +169,52 @@ __global__ void __launch_bounds__(kPlanThreads)
 }
 
 // Count, scan and assign in one launch for up to kFusedMaxSlots slots (decode, small EP
-// batches): block c runs PlanChunk on chunk c. Each block reads all the ids (n / 256 loads per
-// thread); up to ~8K slots that costs less than the three-kernel path's two extra launches.
+// batches): block c assigns chunk c (kFusedChunk slots: one round of AssignChunk), but first
+// counts every slot itself, those before its chunk and the rest, so no block waits for another.
+// Each block reads all the ids (n / 256 loads per thread); up to ~8K slots that costs less than
+// the three-kernel path's two extra launches.
+constexpr int kFusedChunk = kPlanThreads;
 constexpr int64_t kFusedMaxSlots = 8192;
+constexpr int kScanItems = (kMaxLocalExperts + 1 + kPlanThreads - 1) / kPlanThreads;
 
 __global__ void __launch_bounds__(kPlanThreads)
     PlanFusedKernel(const int32_t* __restrict__ ids, int64_t num_slots, int num_experts,
                     LocalRange lr, int32_t* __restrict__ offsets, int32_t* __restrict__ slot_to_row,
                     int32_t* __restrict__ row_to_slot) {
+  using Scan = cub::BlockScan<int, kPlanThreads>;
+  __shared__ typename Scan::TempStorage temp;
   extern __shared__ int smem[];
-  PlanChunk(ids, num_slots, blockIdx.x, num_experts, lr, smem, offsets, slot_to_row, row_to_slot);
+  const int nb = num_experts + 1;
+  int* before = smem;          // [nb] slots of each bucket before this chunk, then its next free row
+  int* rest = smem + nb;       // [nb] slots of each bucket from this chunk on
+  int* table = smem + 2 * nb;  // [kPlanWarps][nb]
+  for (int i = threadIdx.x; i < (kPlanWarps + 2) * nb; i += blockDim.x) smem[i] = 0;
+  __syncthreads();
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kFusedChunk;
+  const int64_t end = min(begin + kFusedChunk, num_slots);
+  CountChunk(ids, 0, begin, num_experts, lr, before);
+  CountChunk(ids, begin, num_slots, num_experts, lr, rest);
+  __syncthreads();
+  // exclusive prefix over the local buckets; bucket E (not local) starts after all of them
+  int items[kScanItems];
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) {
+    const int b = threadIdx.x * kScanItems + i;
+    items[i] = b < num_experts ? before[b] + rest[b] : 0;
+  }
+  Scan(temp).ExclusiveSum(items, items);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) {
+    const int b = threadIdx.x * kScanItems + i;
+    if (b < nb) {
+      before[b] += items[i];
+      if (blockIdx.x == 0) offsets[b] = items[i];
+    }
+  }
+  __syncthreads();
+  AssignChunk(ids, num_slots, begin, end, num_experts, lr, before, table, slot_to_row,
+              row_to_slot);
 }
 
 // The permute kernels: blocks of kPermuteThreads, kPermuteBatch 16-byte loads in flight per
@@ -377,7 +480,7 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
   const LocalRange lr{expert_offset, num_experts};
   if (n <= kFusedMaxSlots) {  // scratch is left untouched
     const unsigned blocks = static_cast<unsigned>((n + kFusedChunk - 1) / kFusedChunk);
-    PlanFusedKernel<<<blocks, kPlanThreads, PlanChunkSmemInts(static_cast<int>(e)) * sizeof(int), stream>>>(
+    PlanFusedKernel<<<blocks, kPlanThreads, (kPlanWarps + 2) * nb * sizeof(int), stream>>>(
         local_ids.typed_data(), n, static_cast<int>(e), lr, offsets->typed_data(),
         slot_to_row->typed_data(), row_to_slot->typed_data());
     JAX_MOE_CHECK_LAUNCH("jax_moe_plan fused kernel launch");

@@ -1,5 +1,4 @@
-// jax_moe_route: top-k routing of SPEC section 2, one warp per token; jax_moe_route_plan: the
-// same followed by jax_moe_plan (permute.cu) in one block, for decode-size batches.
+// jax_moe_route: top-k routing of SPEC section 2, one warp per token.
 //
 // Expert e of a token lives in lane e % 32, register slot e / 32. Values compare through their
 // ordered bits (an unsigned integer order equal to the float order), so a selection is a warp
@@ -13,7 +12,6 @@
 #include <cstdint>
 
 #include "ffi_common.h"
-#include "plan_block.cuh"
 
 namespace jax_moe {
 namespace {
@@ -71,15 +69,14 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-// Routes token t (< num_tokens) with the calling warp. S: register slots per lane (experts per
-// lane), E <= 32 * S. `ids_copy` (nullptr: none) receives the ids as well (route_plan: in shared
-// memory for the plan).
+// S: register slots per lane (experts per lane), E <= 32 * S.
 template <typename LogitT, int S>
-__device__ __forceinline__ void RouteToken(const LogitT* __restrict__ logits, const float* __restrict__ bias,
-                                           int64_t t, int32_t* __restrict__ ids_out,
-                                           __nv_bfloat16* __restrict__ w_out, const RouteParams& p,
-                                           int32_t* ids_copy) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    RouteKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
+                int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p) {
   const int lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (t >= p.num_tokens) return;  // uniform per warp
   const int E = p.num_experts;
   const int k = p.top_k;
   const LogitT* row = logits + t * E;
@@ -307,58 +304,12 @@ __device__ __forceinline__ void RouteToken(const LogitT* __restrict__ logits, co
   if (lane < k) {
     ids_out[t * k + lane] = my_id;
     w_out[t * k + lane] = __float2bfloat16_rn(w);
-    if (ids_copy != nullptr) ids_copy[t * k + lane] = my_id;
   }
 }
-
-// One warp per token.
-template <typename LogitT, int S>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    RouteKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
-                int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (t >= p.num_tokens) return;  // uniform per warp
-  RouteToken<LogitT, S>(logits, bias, t, ids_out, w_out, p, nullptr);
-}
-
-// jax_moe_route_plan: route, then plan, in one block (decode: T*k <= kRoutePlanMaxSlots). Warp w
-// routes tokens w, w + 8, ...; the ids go to shared memory as well, and after a block barrier
-// the block plans them (plan_block::PlanChunk, one chunk). One launch and one global round trip
-// of the ids fewer than route + plan.
-constexpr int kRoutePlanMaxSlots = plan_block::kFusedChunk;
-
-template <typename LogitT, int S>
-__global__ void __launch_bounds__(plan_block::kPlanThreads)
-    RoutePlanKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
-                    int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p,
-                    int num_local_experts, plan_block::LocalRange lr, int32_t* __restrict__ offsets,
-                    int32_t* __restrict__ slot_to_row, int32_t* __restrict__ row_to_slot) {
-  __shared__ int32_t ids[kRoutePlanMaxSlots];
-  extern __shared__ int plan_smem[];
-  for (int t = threadIdx.x >> 5; t < p.num_tokens; t += plan_block::kPlanWarps)  // uniform per warp
-    RouteToken<LogitT, S>(logits, bias, t, ids_out, w_out, p, ids);
-  __syncthreads();
-  plan_block::PlanChunk(ids, int64_t(p.num_tokens) * p.top_k, 0, num_local_experts, lr, plan_smem, offsets,
-                        slot_to_row, row_to_slot);
-}
-
-// The plan part of a route_plan launch (absent for a plain route).
-struct PlanArgs {
-  int num_local_experts;
-  plan_block::LocalRange lr;
-  int32_t *offsets, *slot_to_row, *row_to_slot;
-};
 
 template <typename LogitT, int S>
 void LaunchRoute(cudaStream_t stream, const void* logits, const float* bias, int32_t* ids,
-                 __nv_bfloat16* w, const RouteParams& p, const PlanArgs* plan) {
-  if (plan != nullptr) {
-    const size_t smem = plan_block::PlanChunkSmemInts(plan->num_local_experts) * sizeof(int);
-    RoutePlanKernel<LogitT, S><<<1, plan_block::kPlanThreads, smem, stream>>>(
-        static_cast<const LogitT*>(logits), bias, ids, w, p, plan->num_local_experts, plan->lr,
-        plan->offsets, plan->slot_to_row, plan->row_to_slot);
-    return;
-  }
+                 __nv_bfloat16* w, const RouteParams& p) {
   dim3 grid(CeilDiv(p.num_tokens, kWarpsPerBlock));
   RouteKernel<LogitT, S><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
       static_cast<const LogitT*>(logits), bias, ids, w, p);
@@ -366,20 +317,20 @@ void LaunchRoute(cudaStream_t stream, const void* logits, const float* bias, int
 
 template <typename LogitT>
 void DispatchRoute(cudaStream_t stream, const void* logits, const float* bias, int32_t* ids,
-                   __nv_bfloat16* w, const RouteParams& p, const PlanArgs* plan) {
+                   __nv_bfloat16* w, const RouteParams& p) {
   const int e = p.num_experts;
-  if (e <= 32) LaunchRoute<LogitT, 1>(stream, logits, bias, ids, w, p, plan);
-  else if (e <= 64) LaunchRoute<LogitT, 2>(stream, logits, bias, ids, w, p, plan);
-  else if (e <= 128) LaunchRoute<LogitT, 4>(stream, logits, bias, ids, w, p, plan);
-  else if (e <= 256) LaunchRoute<LogitT, 8>(stream, logits, bias, ids, w, p, plan);
-  else LaunchRoute<LogitT, 16>(stream, logits, bias, ids, w, p, plan);
+  if (e <= 32) LaunchRoute<LogitT, 1>(stream, logits, bias, ids, w, p);
+  else if (e <= 64) LaunchRoute<LogitT, 2>(stream, logits, bias, ids, w, p);
+  else if (e <= 128) LaunchRoute<LogitT, 4>(stream, logits, bias, ids, w, p);
+  else if (e <= 256) LaunchRoute<LogitT, 8>(stream, logits, bias, ids, w, p);
+  else LaunchRoute<LogitT, 16>(stream, logits, bias, ids, w, p);
 }
 
-// Checks the routing arguments, then launches route (plan == nullptr) or route_plan.
-ffi::Error Route(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
-                 ffi::Result<ffi::Buffer<ffi::S32>> ids, ffi::Result<ffi::Buffer<ffi::BF16>> weights,
-                 int32_t top_k, int32_t routing_method, int32_t n_group, int32_t topk_group,
-                 float routed_scaling_factor, const PlanArgs* plan) {
+ffi::Error RouteImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
+                     ffi::Result<ffi::Buffer<ffi::S32>> ids,
+                     ffi::Result<ffi::Buffer<ffi::BF16>> weights, int32_t top_k,
+                     int32_t routing_method, int32_t n_group, int32_t topk_group,
+                     float routed_scaling_factor) {
   const auto ltype = logits.element_type();
   if (ltype != ffi::DataType::F32 && ltype != ffi::DataType::BF16) {
     return InvalidArgument("jax_moe_route: routing_logits: expected dtype float32 or bfloat16, got "
@@ -436,64 +387,19 @@ ffi::Error Route(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F3
   JAX_MOE_RETURN_IF_ERROR(CheckShape(bias, "routing_bias", {E}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*ids, "topk_ids (output)", {T, top_k}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*weights, "topk_weights (output)", {T, top_k}));
-  if (plan != nullptr && T * top_k > kRoutePlanMaxSlots) {
-    return InvalidArgument("jax_moe_route_plan: routing_logits: T*k must be <= " +
-                           std::to_string(kRoutePlanMaxSlots) + ", got " + std::to_string(T * top_k));
-  }
-  if (T == 0) return ffi::Error::Success();  // (route_plan: T > 0, checked by the caller)
+  if (T == 0) return ffi::Error::Success();
 
   RouteParams p{static_cast<int>(T), static_cast<int>(E), top_k, routing_method,
                 n_group, topk_group, routed_scaling_factor};
   auto* w = reinterpret_cast<__nv_bfloat16*>(weights->typed_data());
   if (ltype == ffi::DataType::F32) {
-    DispatchRoute<float>(stream, logits.untyped_data(), bias.typed_data(), ids->typed_data(), w, p, plan);
+    DispatchRoute<float>(stream, logits.untyped_data(), bias.typed_data(), ids->typed_data(), w, p);
   } else {
     DispatchRoute<__nv_bfloat16>(stream, logits.untyped_data(), bias.typed_data(),
-                                 ids->typed_data(), w, p, plan);
+                                 ids->typed_data(), w, p);
   }
-  JAX_MOE_CHECK_LAUNCH(plan != nullptr ? "jax_moe_route_plan kernel launch" : "jax_moe_route kernel launch");
+  JAX_MOE_CHECK_LAUNCH("jax_moe_route kernel launch");
   return ffi::Error::Success();
-}
-
-ffi::Error RouteImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
-                     ffi::Result<ffi::Buffer<ffi::S32>> ids,
-                     ffi::Result<ffi::Buffer<ffi::BF16>> weights, int32_t top_k,
-                     int32_t routing_method, int32_t n_group, int32_t topk_group,
-                     float routed_scaling_factor) {
-  return Route(stream, logits, bias, ids, weights, top_k, routing_method, n_group, topk_group,
-               routed_scaling_factor, nullptr);
-}
-
-// jax_moe_route + jax_moe_plan (same attributes, same outputs) for T*k <= kRoutePlanMaxSlots.
-ffi::Error RoutePlanImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
-                         ffi::Result<ffi::Buffer<ffi::S32>> ids,
-                         ffi::Result<ffi::Buffer<ffi::BF16>> weights,
-                         ffi::Result<ffi::Buffer<ffi::S32>> offsets,
-                         ffi::Result<ffi::Buffer<ffi::S32>> slot_to_row,
-                         ffi::Result<ffi::Buffer<ffi::S32>> row_to_slot, int32_t top_k,
-                         int32_t routing_method, int32_t n_group, int32_t topk_group,
-                         float routed_scaling_factor, int32_t num_local_experts,
-                         int32_t expert_offset, int32_t num_experts) {
-  const int64_t e = num_local_experts;
-  if (e < 1 || e > plan_block::kMaxLocalExperts) {
-    return InvalidArgument("jax_moe_route_plan: num_local_experts: expected a value in [1, " +
-                           std::to_string(plan_block::kMaxLocalExperts) + "], got " + std::to_string(e));
-  }
-  if (expert_offset < 0 || num_experts < 0) {
-    return InvalidArgument("jax_moe_route_plan: expert_offset and num_experts must be >= 0, got " +
-                           std::to_string(expert_offset) + " and " + std::to_string(num_experts));
-  }
-  if (logits.dimensions().size() != 2 || Dim(logits, 0) < 1) {
-    return InvalidArgument("jax_moe_route_plan: routing_logits: expected [T, E] with T >= 1");
-  }
-  const int64_t n = Dim(logits, 0) * top_k;
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*offsets, "expert_offsets (output)", {e + 1}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*slot_to_row, "slot_to_row (output)", {n}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_to_slot, "row_to_slot (output)", {n}));
-  const PlanArgs plan{num_local_experts, {expert_offset, num_experts}, offsets->typed_data(),
-                      slot_to_row->typed_data(), row_to_slot->typed_data()};
-  return Route(stream, logits, bias, ids, weights, top_k, routing_method, n_group, topk_group,
-               routed_scaling_factor, &plan);
 }
 
 }  // namespace
@@ -512,27 +418,6 @@ XLA_FFI_DEFINE_HANDLER(RouteHandler, RouteImpl,
                            .Attr<float>("routed_scaling_factor"),
                        {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER(RoutePlanHandler, RoutePlanImpl,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Arg<ffi::AnyBuffer>()            // routing_logits [T, E]
-                           .Arg<ffi::Buffer<ffi::F32>>()     // routing_bias [E]
-                           .Ret<ffi::Buffer<ffi::S32>>()     // topk_ids [T, k]
-                           .Ret<ffi::Buffer<ffi::BF16>>()    // topk_weights [T, k]
-                           .Ret<ffi::Buffer<ffi::S32>>()     // expert_offsets [E_loc + 1]
-                           .Ret<ffi::Buffer<ffi::S32>>()     // slot_to_row [T*k]
-                           .Ret<ffi::Buffer<ffi::S32>>()     // row_to_slot [T*k]
-                           .Attr<int32_t>("top_k")
-                           .Attr<int32_t>("routing_method")
-                           .Attr<int32_t>("n_group")
-                           .Attr<int32_t>("topk_group")
-                           .Attr<float>("routed_scaling_factor")
-                           .Attr<int32_t>("num_local_experts")
-                           .Attr<int32_t>("expert_offset")   // local id = id - expert_offset
-                           .Attr<int32_t>("num_experts"),    // > 0: ids outside [0, E) not local
-                       {ffi::Traits::kCmdBufferCompatible});
-
 JAX_MOE_REGISTER_TARGET("jax_moe_route", RouteHandler);
-JAX_MOE_REGISTER_TARGET("jax_moe_route_plan", RoutePlanHandler);
 
 }  // namespace jax_moe

@@ -4,7 +4,6 @@ Stages (ARCHITECTURE.md): route -> plan -> permute -> gemm1 -> act_quant -> gemm
 (gemm1 + act_quant one stage: the CUDA path may fuse them).
 `reference` implements them in pure JAX, `ops` as CUDA custom calls; both share this driver.
 """
-import operator
 from typing import NamedTuple
 
 import jax
@@ -69,16 +68,11 @@ def route(routing_logits, routing_bias=None, *, top_k, num_experts=None, n_group
                   _use_cuda(backend), strict=backend == "cuda")
 
 
-def _selection_bias(bias, method):
-    if bias is not None and method not in (RoutingMethodType.DeepSeekV3, RoutingMethodType.MiniMax2):
-        return None  # only DeepSeekV3 and MiniMax2 select with a bias
-    return bias
-
-
 def _route(logits, bias, top_k, method, n_group, topk_group, rsf, use_cuda, strict):
     kwargs = dict(top_k=top_k, routing_method_type=method, n_group=n_group,
                   topk_group=topk_group, routed_scaling_factor=rsf)
-    bias = _selection_bias(bias, method)
+    if bias is not None and method not in (RoutingMethodType.DeepSeekV3, RoutingMethodType.MiniMax2):
+        bias = None  # only DeepSeekV3 and MiniMax2 select with a bias
     if use_cuda and logits.shape[0] > 0:
         unsupported = _cuda_route_supported(logits.shape[1], top_k, method, n_group)
         if unsupported is None:
@@ -86,26 +80,6 @@ def _route(logits, bias, top_k, method, n_group, topk_group, rsf, use_cuda, stri
         if strict:
             raise NotImplementedError(f"backend='cuda': routing not supported by the CUDA kernel: {unsupported}")
     return reference.route(logits, bias, **kwargs)
-
-
-def _route_and_plan(cfg, logits, bias, num_local_experts, offset):
-    """Routing and the plan of decode-size batches as one CUDA kernel (`ops.route_plan_for`)
-    -> (ids, weights, plan), or None where that does not apply (other backends, a traced
-    expert offset, routing the CUDA kernel does not support)."""
-    t, e = logits.shape
-    if not (cfg.use_cuda and ops.route_plan_for(t, cfg.top_k)):
-        return None
-    if _cuda_route_supported(e, cfg.top_k, cfg.routing_method_type, cfg.n_group) is not None:
-        return None
-    try:
-        offset = operator.index(offset)
-    except TypeError:  # traced: plan() shifts the ids in XLA
-        return None
-    return ops.route_plan(logits, _selection_bias(bias, cfg.routing_method_type), num_local_experts,
-                          top_k=cfg.top_k, routing_method_type=cfg.routing_method_type,
-                          n_group=cfg.n_group, topk_group=cfg.topk_group,
-                          routed_scaling_factor=cfg.routed_scaling_factor, expert_offset=offset,
-                          num_experts=cfg.num_experts)
 
 
 def expected_rows_per_expert(num_tokens, top_k, num_experts):
@@ -116,9 +90,8 @@ def expected_rows_per_expert(num_tokens, top_k, num_experts):
 
 def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_scale, gemm1_weights,
                 gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, num_experts,
-                local_expert_offset, activation_type, do_finalize, plan=None):
-    """Steps 1-6 of SPEC section 3 given the routing, with `stages` = `reference` or `ops`
-    (`plan`: the routing's plan where it came with the routing)."""
+                local_expert_offset, activation_type, do_finalize):
+    """Steps 1-6 of SPEC section 3 given the routing, with `stages` = `reference` or `ops`."""
     t, k = topk_ids.shape
     h = hidden_states.shape[1]
     if t == 0:
@@ -126,9 +99,7 @@ def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_sca
             return jnp.zeros((0, h), jnp.bfloat16)
         return MoEOutputs(jnp.zeros((0, k, h), jnp.bfloat16), topk_weights, topk_ids)
     e_loc = gemm1_weights.shape[0]
-    if plan is None:
-        plan = stages.plan(topk_ids, e_loc, expert_offset=local_expert_offset,
-                           num_experts=num_experts)
+    plan = stages.plan(topk_ids, e_loc, expert_offset=local_expert_offset, num_experts=num_experts)
     # GEMM1's output is rounded to bf16 on every path (reference.G_DTYPE, SPEC 3 step 2).
     rows_per_group = expected_rows_per_expert(t, k, num_experts)  # sets the GEMM tile
     y = stages.expert_gemms(hidden_states, hidden_states_scale, plan, k, gemm1_weights,
@@ -197,12 +168,8 @@ def _stages(cfg, routing_a, routing_b, hidden_states, hidden_states_scale, gemm1
     -> (result, topk_ids, topk_weights)."""
     if cfg.float_hidden:
         hidden_states, hidden_states_scale = quant.quantize_activations(hidden_states)
-    plan = None
     if cfg.routed:
         ids, weights = routing_a, routing_b
-    elif (routed := _route_and_plan(cfg, routing_a, routing_b, gemm1_weights.shape[0],
-                                    offset)) is not None:
-        ids, weights, plan = routed
     else:
         ids, weights = _route(routing_a, routing_b, cfg.top_k, cfg.routing_method_type,
                               cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor,
@@ -211,7 +178,7 @@ def _stages(cfg, routing_a, routing_b, hidden_states, hidden_states_scale, gemm1
                       hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                       gemm2_weights_scale, num_experts=cfg.num_experts,
                       local_expert_offset=offset, activation_type=cfg.activation_type,
-                      do_finalize=cfg.do_finalize, plan=plan)
+                      do_finalize=cfg.do_finalize)
     return out, ids, weights
 
 

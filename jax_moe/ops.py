@@ -55,49 +55,6 @@ def route(routing_logits, routing_bias, *, top_k, routing_method_type, n_group=N
       routed_scaling_factor=np.float32(rsf))
 
 
-# --------------------------------------------------------------------------- route + plan
-ROUTE_PLAN_ENV = "JAX_MOE_ROUTE_PLAN"  # "auto" (default) or "off": always route, then plan
-# "auto" routes and plans in one kernel (one block) up to this many tokens, where each warp of
-# the block routes one token; the kernel takes up to 256 slots.
-ROUTE_PLAN_MAX_TOKENS = 8
-ROUTE_PLAN_MAX_SLOTS = 256
-
-
-def route_plan_for(num_tokens, top_k):
-    """Whether the pipeline routes and plans with `route_plan` ($JAX_MOE_ROUTE_PLAN, read at
-    trace time)."""
-    mode = os.environ.get(ROUTE_PLAN_ENV, "auto")
-    if mode not in ("auto", "off"):
-        raise ValueError(f"${ROUTE_PLAN_ENV}: expected 'auto' or 'off', got {mode!r}")
-    return (mode == "auto" and 0 < num_tokens <= ROUTE_PLAN_MAX_TOKENS
-            and num_tokens * top_k <= ROUTE_PLAN_MAX_SLOTS)
-
-
-def route_plan(routing_logits, routing_bias, num_local_experts, *, top_k, routing_method_type,
-               n_group=None, topk_group=None, routed_scaling_factor=None, expert_offset=0,
-               num_experts=None):
-    """`jax_moe_route_plan`: `route` then `plan` (static `expert_offset`) in one kernel, for
-    1 <= T and T*k <= 256 -> (ids int32 [T, k], weights bf16 [T, k], Plan); equal to the two
-    calls."""
-    t, e = routing_logits.shape
-    if not (t >= 1 and t * top_k <= ROUTE_PLAN_MAX_SLOTS):
-        raise ValueError(f"route_plan: needs 1 <= T and T*k <= {ROUTE_PLAN_MAX_SLOTS}, got T={t}, k={top_k}")
-    bias = (jnp.zeros((e,), jnp.float32) if routing_bias is None
-            else routing_bias.astype(jnp.float32))
-    rsf = 1.0 if routed_scaling_factor is None else routed_scaling_factor
-    n = t * top_k
-    ids, weights, offsets, slot_to_row, row_to_slot = _ffi_call(
-        "jax_moe_route_plan",
-        (jax.ShapeDtypeStruct((t, top_k), jnp.int32), jax.ShapeDtypeStruct((t, top_k), jnp.bfloat16),
-         jax.ShapeDtypeStruct((num_local_experts + 1,), jnp.int32),
-         jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)),
-    )(routing_logits, bias, top_k=_i32(top_k), routing_method=_i32(routing_method_type),
-      n_group=_i32(n_group or 1), topk_group=_i32(topk_group or 1),
-      routed_scaling_factor=np.float32(rsf), num_local_experts=_i32(num_local_experts),
-      expert_offset=_i32(operator.index(expert_offset)), num_experts=_i32(num_experts or 0))
-    return ids, weights, Plan(offsets, slot_to_row, row_to_slot)
-
-
 # --------------------------------------------------------------------------- plan / permute
 class Plan(NamedTuple):
     expert_offsets: jax.Array  # int32 [E_loc + 1]

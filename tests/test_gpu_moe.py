@@ -297,31 +297,6 @@ def test_stage_pairs_equal_separate_stages(monkeypatch, t, e, e_loc, offset, k):
     check_close(jnp.asarray(out["auto"].view(jnp.bfloat16)), xl, f"T={t}")
 
 
-DEEPSEEK_V3_ROUTE = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
-
-
-@pytest.mark.parametrize("t, e, e_loc, offset, method", [
-    (1, 256, 256, 0, R.DeepSeekV3), (5, 64, 8, 56, R.Renormalize), (8, 24, 16, 8, R.DeepSeekV3),
-    (3, 32, 32, 0, R.Llama4)])
-def test_route_plan_in_the_pipeline(monkeypatch, t, e, e_loc, offset, method):
-    """Up to ops.ROUTE_PLAN_MAX_TOKENS tokens the op routes and plans in one kernel
-    (jax_moe_route_plan): the same bits as route + plan, close to the pure-JAX path."""
-    args = inputs(80 + t, t, 512, 256, e, e_loc=e_loc)
-    route = DEEPSEEK_V3_ROUTE if (method, e) == (R.DeepSeekV3, 256) else ROUTE[method]
-    kw = dict(routing_method_type=method, local_expert_offset=offset, **route)
-    out = {}
-    for mode in ("auto", "off"):
-        monkeypatch.setenv(jax_moe.ops.ROUTE_PLAN_ENV, mode)
-        jax.clear_caches()
-        fn = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))
-        if mode == "auto":
-            assert "jax_moe_route_plan" in fn.lower(*args).as_text()
-        out[mode] = np.asarray(fn(*args)).view(np.uint16)
-    assert np.array_equal(out["auto"], out["off"])
-    xl = _fn(False, "xla", **kw)(*args)
-    check_close(jnp.asarray(out["auto"].view(jnp.bfloat16)), xl, f"T={t} {method.name}")
-
-
 def _pair_operands(seed, t, k, e_loc, h, n, empty_every=3):
     """A plan of T tokens x k slots over e_loc experts (every `empty_every`-th expert empty,
     some slots not local), fp8 hidden states and GEMM weights [e_loc, n, h]."""

@@ -209,47 +209,6 @@ def test_route_deterministic_and_rejects_bad_params():
                                         routing_method_type=R.TopK))
 
 
-# --------------------------------------------------------------------------- route + plan
-_ROUTE_PLAN_CASES = [(R.DeepSeekV3, 256, 8, 8, 4), (R.DeepSeekV3, 64, 8, 2, 1), (R.Default, 64, 4, None, None),
-                     (R.Renormalize, 512, 8, None, None), (R.Llama4, 128, 1, None, None),
-                     (R.MiniMax2, 32, 6, None, None)]
-
-
-@pytest.mark.parametrize("t", [1, 5, 8, 32])  # k = 8: up to the kernel's 256 slots
-@pytest.mark.parametrize("case", _ROUTE_PLAN_CASES, ids=_case_id)
-def test_route_plan_equals_route_then_plan(case, t):
-    """jax_moe_route_plan (route and plan in one block) gives the bits of jax_moe_route followed
-    by jax_moe_plan, and the plan is the NumPy oracle's, for all local experts and for a slice
-    of them (global ids, a static offset)."""
-    method, e, k, ng, tg = case
-    rng = np.random.default_rng(_seed("route_plan", int(method), e, k, t))
-    dtype = jnp.bfloat16 if t % 2 else jnp.float32
-    logits = _route_logits(rng, t, e, dtype)
-    bias = jnp.asarray((rng.standard_normal(e) * 0.1).astype(np.float32))
-    kw = dict(top_k=k, routing_method_type=method, n_group=ng, topk_group=tg, routed_scaling_factor=2.5)
-    for e_loc, offset, num_experts in ((e, 0, None), (max(1, e // 8), e // 4, e)):
-        ids, w, p = ops.route_plan(logits, bias, e_loc, expert_offset=offset, num_experts=num_experts, **kw)
-        r_ids, r_w = ops.route(logits, bias, **kw)
-        assert _bits(ids) == _bits(r_ids) and _bits(w) == _bits(r_w)
-        q = ops.plan(r_ids, e_loc, expert_offset=offset, num_experts=num_experts)
-        for a, b in zip(p, q):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        ids = np.asarray(ids)
-        _check_plan(p, np.where((ids >= 0) & (ids < e), ids - offset, -1), e_loc)
-
-
-def test_route_plan_rejects_bad_params():
-    logits = jnp.asarray(np.random.default_rng(5).standard_normal((33, 256)).astype(np.float32))
-    kw = dict(top_k=8, routing_method_type=R.DeepSeekV3, n_group=8, topk_group=4)
-    with pytest.raises(ValueError, match="T\\*k <= 256"):  # 264 slots
-        ops.route_plan(logits, None, 256, **kw)
-    with pytest.raises(Exception, match="num_local_experts"):
-        jax.block_until_ready(ops.route_plan(logits[:2], None, 0, **kw))
-    with pytest.raises(Exception, match="top_k"):
-        jax.block_until_ready(ops.route_plan(logits[:2], None, 256, top_k=9,
-                                            routing_method_type=R.DeepSeekV3))
-
-
 # --------------------------------------------------------------------------- plan / permute
 DISTS = ["local", "mixed", "one_expert", "mostly_empty", "none_local"]
 

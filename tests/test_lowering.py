@@ -176,44 +176,23 @@ def test_pipeline_env_overrides(monkeypatch):
         _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256)
 
 
-@pytest.mark.parametrize("t", [4, 16])
 @pytest.mark.parametrize("offset", [0, 24])
-def test_static_offset_reaches_the_plan_kernel(monkeypatch, offset, t):
+def test_static_offset_reaches_the_plan_kernel(monkeypatch, offset):
     """A Python-int local_expert_offset goes to jax_moe_plan as attributes (expert_offset,
     num_experts), with no XLA ops shifting the ids between route and plan; this holds through
-    the custom_vjp wrapper, which passes the offset on as an array. Up to
-    ops.ROUTE_PLAN_MAX_TOKENS tokens route and plan are one call, jax_moe_route_plan, with the
-    same attributes."""
+    the custom_vjp wrapper, which passes the offset on as an array."""
     monkeypatch.setattr(_native, "register_targets", lambda: None)
     monkeypatch.setattr(api, "_use_cuda", lambda backend: True)
-    monkeypatch.delenv(ops.ROUTE_PLAN_ENV, raising=False)
-    e, e_loc = 64, 8
+    e, e_loc, t = 64, 8, 4
     w = random_moe_inputs(jax.random.PRNGKey(0), num_tokens=t, hidden_size=256,
                           intermediate_size=128, num_experts=e,
                           local_num_experts=e_loc)
     f = functools.partial(jax_moe.fp8_block_scale_moe, top_k=8, n_group=8, topk_group=4,
                           routed_scaling_factor=2.5, local_expert_offset=offset)
     lines = jax.jit(f).lower(*w).as_text().splitlines()
-    route = [line for line in lines if "@jax_moe_route(" in line or "@jax_moe_route_plan(" in line]
-    plan = [line for line in lines if "@jax_moe_plan(" in line]
-    assert len(route) == 1
-    if t <= ops.ROUTE_PLAN_MAX_TOKENS:
-        assert "@jax_moe_route_plan(" in route[0] and not plan
-        plan = route
+    plan = [line for line in lines if "@jax_moe_plan" in line]
     assert len(plan) == 1
     assert f"expert_offset = {offset} : i32" in plan[0] and f"num_experts = {e} : i32" in plan[0]
-    ops_before_plan = lines[lines.index(route[0]) + 1:lines.index(plan[0])]
+    ops_before_plan = lines[[i for i, line in enumerate(lines) if "@jax_moe_route" in line][0] + 1:
+                            lines.index(plan[0])]
     assert not [line for line in ops_before_plan if "stablehlo." in line], ops_before_plan
-
-
-def test_route_plan_only_for_decode_batches(monkeypatch):
-    """ops.route_plan_for: one kernel for route and plan up to ROUTE_PLAN_MAX_TOKENS tokens and
-    256 slots, unless $JAX_MOE_ROUTE_PLAN=off; anything else for that variable is an error."""
-    monkeypatch.delenv(ops.ROUTE_PLAN_ENV, raising=False)
-    assert [ops.route_plan_for(t, 8) for t in (0, 1, 8, 9, 32)] == [False, True, True, False, False]
-    assert ops.route_plan_for(8, 32) and not ops.route_plan_for(8, 33)
-    monkeypatch.setenv(ops.ROUTE_PLAN_ENV, "off")
-    assert not ops.route_plan_for(1, 8)
-    monkeypatch.setenv(ops.ROUTE_PLAN_ENV, "on")
-    with pytest.raises(ValueError, match="JAX_MOE_ROUTE_PLAN.*got 'on'"):
-        ops.route_plan_for(1, 8)
