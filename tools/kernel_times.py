@@ -9,7 +9,8 @@ process and slow the host's dispatch afterwards (T=1 168 -> 268 us on an H100 ho
 Arms (in-process A/B): each `--arms` entry is a space-separated list of settings applied before
 its trace, `ops.NAME=value` or `reference.NAME=value` (an attribute of jax_moe.ops or
 jax_moe.reference, value parsed as a Python literal: `reference.G_DTYPE='float32'`) or
-`ENV=value`; the arms' device_time rounds alternate so that drift hits them alike.
+`ENV=value` (an empty arm runs the process's own settings: a variable an earlier arm set goes
+back first); the arms' device_time rounds alternate so that drift hits them alike.
 
     python tools/kernel_times.py --tokens 1 --local-experts 256
     python tools/kernel_times.py --tokens 512 --local-experts 32 \\
@@ -29,13 +30,24 @@ from jax_moe.testing import device_time
 from probe_moe import KW, deepseek_weights, token_sets
 
 
+_ORIGINAL_ENV = {}  # the values before any arm, of every variable an arm sets
+
+
 def apply(arm):
+    """Arm settings on top of the process's own: an environment variable set by an earlier arm
+    goes back to its original value (or away) unless this arm sets it too."""
+    for name, value in _ORIGINAL_ENV.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     for setting in arm.split():
         name, value = setting.split("=", 1)
         module, _, attr = name.partition(".")
         if attr and module in ("ops", "reference"):
             setattr({"ops": ops, "reference": reference}[module], attr, ast.literal_eval(value))
         else:
+            _ORIGINAL_ENV.setdefault(name, os.environ.get(name))
             os.environ[name] = value
 
 
