@@ -30,24 +30,28 @@ from jax_moe.testing import device_time
 from probe_moe import KW, deepseek_weights, token_sets
 
 
-_ORIGINAL_ENV = {}  # the values before any arm, of every variable an arm sets
+_MODULES = {"ops": ops, "reference": reference}
+_ORIGINAL = {}  # the values before any arm of everything an arm sets: env name or (module, attr)
 
 
 def apply(arm):
-    """Arm settings on top of the process's own: an environment variable set by an earlier arm
-    goes back to its original value (or away) unless this arm sets it too."""
-    for name, value in _ORIGINAL_ENV.items():
-        if value is None:
-            os.environ.pop(name, None)
+    """Arm settings on top of the process's own: whatever an earlier arm set goes back to its
+    original value (an environment variable that was unset, away) unless this arm sets it too."""
+    for key, value in _ORIGINAL.items():
+        if isinstance(key, tuple):
+            setattr(_MODULES[key[0]], key[1], value)
+        elif value is None:
+            os.environ.pop(key, None)
         else:
-            os.environ[name] = value
+            os.environ[key] = value
     for setting in arm.split():
         name, value = setting.split("=", 1)
         module, _, attr = name.partition(".")
-        if attr and module in ("ops", "reference"):
-            setattr({"ops": ops, "reference": reference}[module], attr, ast.literal_eval(value))
+        if attr and module in _MODULES:
+            _ORIGINAL.setdefault((module, attr), getattr(_MODULES[module], attr))
+            setattr(_MODULES[module], attr, ast.literal_eval(value))
         else:
-            _ORIGINAL_ENV.setdefault(name, os.environ.get(name))
+            _ORIGINAL.setdefault(name, os.environ.get(name))
             os.environ[name] = value
 
 
