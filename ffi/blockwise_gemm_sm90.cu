@@ -88,10 +88,24 @@ constexpr bool WideTile() {
   return BM == 128 && EPI == kActGated;
 }
 
+// The trimmed tiles (own32, own16, own8): own64's 64 x 256 tile with only BM = 32, 16 or 8 rows of a
+// loaded per stage, for decode batches whose groups have at most a few rows. The wgmma still reads
+// 64 rows of a: the rows past the BM loaded ones are whatever lies behind them in shared memory
+// (the next stages' a, then b), so those accumulator rows are garbage and never stored. The
+// epilogue stores the tile's rows below the group's end straight from the registers, with no
+// shared-memory output buffer. Both savings go into pipeline stages: 6 in flight instead of own64's
+// 4 (bf16 out), i.e. 192 KB of weights per SM instead of 128 KB -- at decode sizes the weight
+// stream of one SM is bound by the bytes it has in flight (a grid with fewer CTAs than SMs streamed
+// slower, twenty-fourth session). Same sums in the same order as own64: bit-identical results.
+template <int BM>
+constexpr bool TrimmedTile() {
+  return BM < 64;
+}
+
 // Rows of b per tile for BM rows of a (see the design note): 256, except own128's 128.
 template <int BM, int EPI>
 constexpr int TileBRows() {
-  static_assert(BM == 128 || BM == 64, "tile rows");
+  static_assert(BM == 128 || BM == 64 || BM == 32 || BM == 16 || BM == 8, "tile rows");
   return BM == 128 && !WideTile<BM, EPI>() ? 128 : 256;
 }
 
@@ -101,15 +115,16 @@ constexpr int ABoxRows() {
   return WideTile<BM, EPI>() ? 64 : BM;
 }
 
-template <int BM, int BN, int OUT_BYTES>  // OUT_BYTES: one math warpgroup's output buffer
+template <int BM, int BN, int OUT_BYTES>  // OUT_BYTES: one math warpgroup's output buffer (0: none)
 struct Smem {
   static constexpr int kOutBytes = OUT_BYTES;
   static constexpr int kStageBytes = (BM + BN) * BK;
   static constexpr int kStages = std::min(6, (kSmemLimit - 2 * kOutBytes - 8 * 1024) / kStageBytes);
-  alignas(1024) uint8_t out[2][kOutBytes];
+  alignas(1024) uint8_t out[2][kOutBytes > 0 ? kOutBytes : 1];
+  // a before b: a trimmed tile's 64-row wgmma reads on past its BM rows into the memory behind
   alignas(1024) uint8_t a[kStages][BM * BK];
   alignas(1024) uint8_t b[kStages][BN * BK];
-  float sa[kStages][BM];  // row scales of the K block (0 past the group's end)
+  float sa[kStages][BM < 64 ? 64 : BM];  // row scales of the K block (0 past the group's end)
   float sb[kStages][2];   // scales of the two 128-row weight blocks the tile's b rows come from
   float amax[2][64];      // own64 gated epilogue: each warpgroup's row maxima over its 64 columns
   uint64_t full[kStages];
@@ -365,10 +380,15 @@ __device__ __forceinline__ void CopyRowsBelow(const uint8_t* out, OutT* d, int r
 // Named barrier of both math warpgroups (id 3).
 __device__ __forceinline__ void MathBarrier() { asm volatile("bar.sync 3, 256;" ::: "memory"); }
 
-// One math warpgroup's output buffer: its 64 x 128 output block.
-template <class OutT>
+// One math warpgroup's output buffer: its 64 x 128 output block (none for a trimmed tile).
+template <int BM, class OutT>
 constexpr int OutBufferBytes() {
-  return 64 * 128 * int(sizeof(OutT));
+  return TrimmedTile<BM>() ? 0 : 64 * 128 * int(sizeof(OutT));
+}
+
+__device__ __forceinline__ void Store2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+__device__ __forceinline__ void Store2(__nv_bfloat16* p, float x, float y) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
 }
 
 template <int BM, class OutT, int EPI>
@@ -384,9 +404,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kSplitRows = BM == 128;   // warpgroups on different rows (own128) or columns (own64)
   // the wide tile: each warpgroup's 64 rows x all 256 b rows, as two 128-row halves
   constexpr bool kWide = WideTile<BM, EPI>();
+  constexpr bool kTrim = TrimmedTile<BM>();
+  static_assert(!kTrim || !kAct, "the trimmed tiles store the GEMM result only");
   constexpr int OB = int(sizeof(OutT));
   constexpr int BN = TileBRows<BM, EPI>(), TN = TileOutCols<BM, EPI>();
-  using S = Smem<BM, BN, OutBufferBytes<OutT>()>;
+  using S = Smem<BM, BN, OutBufferBytes<BM, OutT>()>;
   constexpr int STAGES = S::kStages;
   extern __shared__ uint8_t smem_raw[];
   S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -526,17 +548,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         // gated: the blocks of the up and the gate rows; else of b rows [0, 128) and [128, 256)
         const int nb0 = kGated ? BBoxRow<EPI>(0, n0, n_out) / 128 : min(n0 / 128, nb_count - 1);
         const int nb1 = kGated ? BBoxRow<EPI>(1, n0, n_out) / 128 : min(n0 / 128 + 1, nb_count - 1);
+        constexpr int kRegs = (BM + 31) / 32;  // row scales per lane
         for (int kb = 0; kb < kb_count; ++kb) {
-          float v[BM / 32];
+          float v[kRegs];
 #pragma unroll
-          for (int i = 0; i < BM / 32; ++i) {
+          for (int i = 0; i < kRegs; ++i) {
             const int r = lane + 32 * i;
-            v[i] = row0 + r < end ? __ldg(sa + int64_t(kb) * rows_g + r) : 0.0f;
+            v[i] = r < BM && row0 + r < end ? __ldg(sa + int64_t(kb) * rows_g + r) : 0.0f;
           }
           const float vb = lane < 2 ? __ldg(sb + int64_t(lane == 0 ? nb0 : nb1) * kb_count + kb) : 0.0f;
           MbarWait(&s.empty[stage], phase ^ 1);
 #pragma unroll
-          for (int i = 0; i < BM / 32; ++i) s.sa[stage][lane + 32 * i] = v[i];
+          for (int i = 0; i < kRegs; ++i)
+            if (lane + 32 * i < BM) s.sa[stage][lane + 32 * i] = v[i];
           if (lane < 2) s.sb[stage][lane] = vb;
           MbarArrive(&s.full[stage]);
           if (++stage == STAGES) { stage = 0; phase ^= 1; }
@@ -678,6 +702,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane % 4 == 0 && col0 < n_out) PutRowScales(d_scale, g0, end, n_out, col0, row0h + rl0, s0, s1);
         AwaitOutBuffer(ct, wg);
         PutFp8<64>(out, rl0, lane, 0, act, s0, s1);
+      } else if constexpr (kTrim) {
+        // the tile's rows below the group's end, straight from the registers (rows rl0 and
+        // rl0 + 8, columns 8j + 2 (lane % 4) + {0, 1} of the warpgroup's 128)
+        const int rows = min(BM, end - row0);
+        if (col0 < n_out) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = rl0 + 8 * h;
+            if (r < rows) {
+              OutT* dr = d + int64_t(row0 + r) * n_out + col0 + 2 * (lane % 4);
+#pragma unroll
+              for (int j = 0; j < 16; ++j) Store2(dr + 8 * j, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            }
+          }
+        }
+        continue;
       } else {
         // epilogue: registers -> swizzled shared memory -> global
         AwaitOutBuffer(ct, wg);
@@ -736,10 +776,13 @@ bool EncodeMap(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The own kernel's row tile attribute: 128 (128 x 128 tiles) or 64 (64 x 256).
-ffi::Error CheckBlockM(const char* op, int32_t block_m) {
-  if (block_m != 128 && block_m != 64)
-    return InvalidArgument(std::string(op) + ": block_m: expected 128 or 64, got " + std::to_string(block_m));
+// The own kernel's row tile attribute: 128 (128 x 128 tiles) or 64 (64 x 256); where the GEMM
+// stores its result (`trimmed`), also 32, 16 or 8 (the trimmed 64 x 256 tiles).
+ffi::Error CheckBlockM(const char* op, int32_t block_m, bool trimmed = false) {
+  const bool ok = block_m == 128 || block_m == 64 || (trimmed && (block_m == 32 || block_m == 16 || block_m == 8));
+  if (!ok)
+    return InvalidArgument(std::string(op) + ": block_m: expected 128 or 64" + (trimmed ? ", 32, 16 or 8" : "") +
+                           ", got " + std::to_string(block_m));
   return ffi::Error::Success();
 }
 
@@ -754,7 +797,7 @@ cudaError_t Launch(cudaStream_t stream, bool pdl, int g, int m, int n, int k, co
     *what = "cuTensorMapEncodeTiled failed";
     return cudaErrorInvalidValue;
   }
-  using S = Smem<BM, TileBRows<BM, EPI>(), OutBufferBytes<OutT>()>;
+  using S = Smem<BM, TileBRows<BM, EPI>(), OutBufferBytes<BM, OutT>()>;
   const size_t smem = sizeof(S) + 1024;
   static_assert(sizeof(S) + 1024 <= kSmemLimit, "shared memory");
   auto kernel = OwnGroupedGemmKernel<BM, OutT, EPI>;
@@ -851,8 +894,15 @@ ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_lis
 cudaError_t LaunchOwnGroupedGemm(cudaStream_t stream, bool pdl, int block_m, bool f32_out, int num_groups, int m,
                                  int n, int k, const void* a, const float* a_scale, const void* b, const float* b_scale,
                                  const int32_t* offsets, void* d, int* tile_counter, const char** what) {
-  auto launch = block_m == 64 ? (f32_out ? Launch<64, float, kStore> : Launch<64, __nv_bfloat16, kStore>)
-                              : (f32_out ? Launch<128, float, kStore> : Launch<128, __nv_bfloat16, kStore>);
+  decltype(&Launch<64, float, kStore>) launch = nullptr;
+  switch (block_m) {
+    case 128: launch = f32_out ? Launch<128, float, kStore> : Launch<128, __nv_bfloat16, kStore>; break;
+    case 64: launch = f32_out ? Launch<64, float, kStore> : Launch<64, __nv_bfloat16, kStore>; break;
+    case 32: launch = f32_out ? Launch<32, float, kStore> : Launch<32, __nv_bfloat16, kStore>; break;
+    case 16: launch = f32_out ? Launch<16, float, kStore> : Launch<16, __nv_bfloat16, kStore>; break;
+    case 8: launch = f32_out ? Launch<8, float, kStore> : Launch<8, __nv_bfloat16, kStore>; break;
+    default: *what = "block_m"; return cudaErrorInvalidValue;
+  }
   return launch(stream, pdl, num_groups, m, n, k, a, a_scale, b, b_scale, offsets, d, nullptr, 0, tile_counter, what);
 }
 
@@ -887,7 +937,7 @@ ffi::Error StageThenGemm(const char* op, cudaStream_t stream, Stage stage, const
                          const ffi::Buffer<ffi::F32>& a_scale, const ffi::AnyBuffer& b,
                          const ffi::Buffer<ffi::F32>& b_scale, const ffi::Buffer<ffi::S32>& offsets,
                          ffi::AnyBuffer& d, ffi::Buffer<ffi::S32>& workspace, int32_t block_m) {
-  JAX_MOE_RETURN_IF_ERROR(CheckBlockM(op, block_m));
+  JAX_MOE_RETURN_IF_ERROR(CheckBlockM(op, block_m, /*trimmed=*/true));
   GemmShape sh;
   JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
   bool f32_out = false;

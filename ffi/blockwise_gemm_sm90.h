@@ -34,7 +34,8 @@ ffi::Error CheckGemmOutput(const char* op, const ffi::AnyBuffer& d, const GemmSh
 // buffers for TMA.
 ffi::Error CheckOwnGemm(const char* op, int64_t num_groups, std::initializer_list<const void*> tma_buffers);
 
-// block_m: 128 (128 x 128 tiles) or 64 (64 x 256); d is float32 if f32_out, else bfloat16. a, b and d
+// block_m: 128 (128 x 128 tiles), 64 (64 x 256) or 32, 16, 8 (64 x 256 with that many rows of a per
+// tile: the trimmed tiles of blockwise_gemm_sm90.cu); d is float32 if f32_out, else bfloat16. a, b and d
 // must be 16-byte aligned and k, n multiples of 128 (TMA). tile_counter: kOwnGemmWorkspaceInts
 // ints of device memory, zeroed here on the stream before the launch unless `pdl`. On failure
 // *what names the step.

@@ -366,15 +366,23 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
 // numbers and chooses one per call, "auto" included): 1 = cooperative 128x128, 2 = ping-pong
 // 64x128, 3 = swapped operands with 32 token rows per tile; 4, 5 in experiment builds; 6, 8 =
 // the own TMA + wgmma kernel (blockwise_gemm_sm90.cu) with 128x128 and 64x256 tiles (7, its
-// 128x192 tile until 2026-11, is retired: it never won and spilled).
-enum Tile : int32_t { kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5, kOwn128 = 6, kOwn64 = 8 };
+// 128x192 tile until 2026-11, is retired: it never won and spilled); 9, 10, 11 = its trimmed
+// 64x256 tiles with 32, 16 and 8 rows of a per tile (decode batches).
+enum Tile : int32_t {
+  kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5, kOwn128 = 6, kOwn64 = 8, kOwn32 = 9, kOwn16 = 10,
+  kOwn8 = 11
+};
+// The own kernel's row tile of an own tile config, 0 for the CUTLASS ones.
+constexpr int OwnBlockM(int32_t t) {
+  return t == kOwn128 ? 128 : t == kOwn64 ? 64 : t == kOwn32 ? 32 : t == kOwn16 ? 16 : t == kOwn8 ? 8 : 0;
+}
 #ifdef JAX_MOE_GEMM_EXPERIMENTS
 constexpr bool kExperimentTiles = true;
 #else
 constexpr bool kExperimentTiles = false;
 #endif
 constexpr bool IsKnownTile(int32_t t) {
-  return t == kBig || t == kSmall || t == kSwap32 || t == kOwn128 || t == kOwn64 ||
+  return t == kBig || t == kSmall || t == kSwap32 || OwnBlockM(t) > 0 ||
          (kExperimentTiles && (t == kBigM2 || t == kBigM2N2));
 }
 
@@ -387,7 +395,7 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
   if (!IsKnownTile(tile))
-    return InvalidArgument(std::string(op) + ": tile: expected 1, 2, 3, 6 or 8" +
+    return InvalidArgument(std::string(op) + ": tile: expected 1, 2, 3, 6, 8, 9, 10 or 11" +
                            (kExperimentTiles ? std::string(" (4, 5: experiment build)") : std::string()) +
                            ", got " + std::to_string(tile));
   GemmShape sh;
@@ -398,10 +406,10 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*workspace, "jax_moe_grouped_gemm: workspace", {-1}));
   if (m == 0 || n == 0 || g == 0) return ffi::Error::Success();  // nothing to write
 
-  if (tile == kOwn128 || tile == kOwn64) {
+  if (OwnBlockM(tile) > 0) {
     JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(op, g, {a.untyped_data(), b.untyped_data(), d->untyped_data()}));
     const char* what = "";
-    cudaError_t err = LaunchOwnGroupedGemm(stream, false, tile == kOwn64 ? 64 : 128, f32_out, int(g), int(m), int(n),
+    cudaError_t err = LaunchOwnGroupedGemm(stream, false, OwnBlockM(tile), f32_out, int(g), int(m), int(n),
                                            int(k), a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
                                            b_scale.typed_data(), offsets.typed_data(), d->untyped_data(),
                                            reinterpret_cast<int*>(workspace->typed_data()), &what);

@@ -117,9 +117,11 @@ def grouped_gemm_workspace_bytes(num_groups):
 # 128x128 tiles; "64": ping-pong 64x128 tiles; "swap32": swapped operands (the weights are the
 # kernel's M side), 32 token rows per tile; "own128" / "own64": the library's own TMA + wgmma
 # kernel (ffi/blockwise_gemm_sm90.cu), 128 x 128 / 64 x 256 tiles (rows x columns), no setup
-# kernel, at most 512 groups. "auto" (resolved here, at trace time) picks one by the rows per
-# group.
-GEMM_TILES = {"128": 1, "64": 2, "swap32": 3, "own128": 6, "own64": 8}
+# kernel, at most 512 groups; "own32" / "own16" / "own8": its 64 x 256 tile trimmed to 32 / 16 /
+# 8 rows of a per tile, for decode batches (more weight stages in flight, bit-identical to
+# own64). "auto" (resolved here, at trace time) picks one by the rows per group.
+GEMM_TILES = {"128": 1, "64": 2, "swap32": 3, "own128": 6, "own64": 8, "own32": 9, "own16": 10,
+              "own8": 11}
 TILE_ENV = "JAX_MOE_GEMM_TILE"
 
 
@@ -312,8 +314,8 @@ def _stage_gemm_call(target, m, n, out_dtype, stage_cols, *operands, **attrs):
 
 def permute_gemm(hidden_states, hidden_states_scale, p: Plan, top_k, weights, weight_scales,
                  out_dtype=jnp.float32, block_m=64):
-    """`jax_moe_permute_gemm`: `permute`, then the own grouped GEMM (row tile `block_m`: 64 or
-    128) on its rows -> d [T*k, N] in out_dtype, equal to grouped_gemm_raw(*permute(...),
+    """`jax_moe_permute_gemm`: `permute`, then the own grouped GEMM (row tile `block_m`: 128, 64
+    or a trimmed 32, 16, 8) on its rows -> d [T*k, N] in out_dtype, equal to grouped_gemm_raw(*permute(...),
     weights, weight_scales, p.expert_offsets, out_dtype, tile=f"own{block_m}")."""
     t, h = hidden_states.shape
     return _stage_gemm_call(
@@ -335,7 +337,20 @@ def act_quant_gemm(g, p: Plan, activation_type, weights, weight_scales, out_dtyp
         weights, weight_scales, activation=_i32(activation_type), block_m=_i32(block_m))
 
 
-_OWN_BLOCK_M = {GEMM_TILES["own64"]: 64, GEMM_TILES["own128"]: 128}
+_OWN_BLOCK_M = {GEMM_TILES[f"own{m}"]: m for m in (128, 64, 32, 16, 8)}
+TRIM_ENV = "JAX_MOE_TRIM"  # "auto" (default) or "off": the decode pairs keep own64's 64-row tiles
+
+
+def trimmed_block_m_for(num_tokens):
+    """The stage pairs' row tile in place of own64's 64 for a batch of `num_tokens` tokens: 8, 16
+    or 32 rows, the least that holds every group's rows in one tile (a group has at most one row
+    per token), or 64. $JAX_MOE_TRIM=off (read at trace time) keeps 64."""
+    mode = os.environ.get(TRIM_ENV, "auto")
+    if mode not in ("auto", "off"):
+        raise ValueError(f"${TRIM_ENV}: expected 'auto' or 'off', got {mode!r}")
+    if mode == "off":
+        return 64
+    return next((m for m in (8, 16, 32) if num_tokens <= m), 64)
 
 
 def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weights,
@@ -352,6 +367,8 @@ def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weigh
     if pairs not in ("auto", "off"):
         raise ValueError(f"${PAIRS_ENV}: expected 'auto' or 'off', got {pairs!r}")
     block_m = _OWN_BLOCK_M.get(_gemm_tile(None, rows_per_group, g))
+    if block_m == 64 and os.environ.get(TILE_ENV, "auto") == "auto":
+        block_m = trimmed_block_m_for(hidden_states.shape[0])
     if pairs == "auto" and block_m and not _gemm1_fused_block_m(rows_per_group, g):
         h = permute_gemm(hidden_states, hidden_states_scale, p, top_k, gemm1_weights,
                          gemm1_weights_scale, reference.G_DTYPE, block_m)

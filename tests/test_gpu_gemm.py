@@ -203,6 +203,26 @@ def test_f32_output_rounds_to_the_bf16_output(tile):
 
 
 # ----------------------------------------------------------------------------- properties
+@OUT_DTYPES
+@pytest.mark.parametrize("tile", ["own32", "own16", "own8"])
+def test_trimmed_tiles_equal_own64_bit_for_bit(tile, out_dtype):
+    """The trimmed tiles run own64's MMAs over the same a and b rows in the same order, so they
+    give its bits on every row of every group -- also where a group has more rows than the
+    trimmed tile (several row tiles per weight tile) and where the wgmma's rows past the loaded
+    ones read other stages' bytes. Decode-like groups of 0-40 rows, DeepSeek-V3's GEMM2 shape."""
+    rng = np.random.default_rng(17)
+    sizes = rng.integers(0, 6, 40)
+    sizes[[3, 11, 29]] = [9, 17, 40]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    a_q, a_s, b_q, b_s = _inputs(21, int(offsets[-1]) + 3, len(sizes), 7168, 2048)
+    args = (a_q, jnp.asarray(_grouped_scales_np(np.asarray(a_s), offsets)), b_q, b_s, jnp.asarray(offsets))
+    valid = slice(0, int(offsets[-1]))
+    got = np.asarray(_gemm_fn(out_dtype, tile)(*args))[valid]
+    want = np.asarray(_gemm_fn(out_dtype, "own64")(*args))[valid]
+    assert np.isfinite(want.astype(np.float32)).all() and np.any(want != 0)
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
 def test_deterministic_and_jit():
     g, n, k, m = 8, 512, 1024, 700
     rng = np.random.default_rng(3)

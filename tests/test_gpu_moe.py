@@ -311,7 +311,7 @@ def _pair_operands(seed, t, k, e_loc, h, n, empty_every=3):
     return p, hq, hs, w, ws
 
 
-@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("block_m", [8, 16, 32, 64, 128])
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("t, k, e_loc", [(1, 8, 256), (33, 4, 8), (200, 6, 32)])
 def test_permute_gemm_equals_permute_then_gemm(block_m, out_dtype, t, k, e_loc):
@@ -329,7 +329,7 @@ def test_permute_gemm_equals_permute_then_gemm(block_m, out_dtype, t, k, e_loc):
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
-@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("block_m", [8, 16, 32, 64, 128])
 @pytest.mark.parametrize("act", [A.Swiglu, A.Geglu, A.Relu2, A.Identity], ids=lambda a: a.name)
 @pytest.mark.parametrize("t, k, e_loc", [(1, 8, 256), (150, 4, 16)])
 def test_act_quant_gemm_equals_act_quant_then_gemm(block_m, act, t, k, e_loc):

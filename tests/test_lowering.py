@@ -27,7 +27,7 @@ def test_grouped_gemm_tile_is_checked_at_trace_time(monkeypatch):
     monkeypatch.setenv(ops.TILE_ENV, "swap16")
     with pytest.raises(ValueError, match="JAX_MOE_GEMM_TILE.*got 'swap16'"):
         jax.eval_shape(ops.grouped_gemm_raw, *args)
-    assert {ops._gemm_tile(t, 1) for t in ops.GEMM_TILES} == {1, 2, 3, 6, 8}
+    assert {ops._gemm_tile(t, 1) for t in ops.GEMM_TILES} == {1, 2, 3, 6, 8, 9, 10, 11}
     # "auto" by rows per group; the own kernel only up to 512 groups
     assert [ops.gemm_tile_for(r) for r in (1, 16, 17, 32, 33, 64, 65)] == \
         ["own64"] * 6 + ["128"]
@@ -52,8 +52,8 @@ def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
         text = jax.jit(lambda *x: ops.grouped_gemm_raw(*x, **kw)).lower(*args).as_text()
         return [line.split("tile = ")[1].split(" ")[0] for line in text.splitlines() if "tile = " in line]
 
-    assert [attr(tile=t) for t in ("128", "64", "swap32", "own128", "own64")] == \
-        [["1"], ["2"], ["3"], ["6"], ["8"]]
+    assert [attr(tile=t) for t in ("128", "64", "swap32", "own128", "own64", "own32", "own16", "own8")] == \
+        [["1"], ["2"], ["3"], ["6"], ["8"], ["9"], ["10"], ["11"]]
     # "auto" is resolved here from the static shapes: M/G = 8/2 rows per group -> swap32, and
     # from rows_per_group when given
     assert attr(tile="auto") == ["8"]
@@ -93,7 +93,9 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
 
 
 @pytest.mark.parametrize("t, e, e_loc, gemm1, gemm2", [
-    (1, 256, 256, "pair64", "pair64"), (16, 256, 256, "pair64", "pair64"),  # <= 16 rows
+    (1, 256, 256, "pair8", "pair8"), (8, 256, 256, "pair8", "pair8"),      # trimmed tiles:
+    (9, 256, 256, "pair16", "pair16"), (16, 256, 256, "pair16", "pair16"),  # a group has at
+    (32, 256, 32, "pair32", "pair32"), (33, 256, 32, "pair64", "pair64"),   # most T rows
     (512, 256, 32, "pair64", "pair64"),
     (544, 256, 32, "fused64", "own64"), (1024, 256, 32, "fused64", "own64"),  # 17, 32 rows
     (1536, 256, 256, "fused64", "own128"),                                  # 48 rows
@@ -110,7 +112,27 @@ def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc
     monkeypatch.delenv(ops.TILE_ENV, raising=False)
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
     monkeypatch.delenv(ops.PAIRS_ENV, raising=False)
+    monkeypatch.delenv(ops.TRIM_ENV, raising=False)
     assert _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc) == [gemm1, gemm2]
+
+
+def test_trim_env_keeps_own64(monkeypatch):
+    """$JAX_MOE_TRIM=off keeps the decode pairs on own64's 64-row tiles; a forced tile is used as
+    it is; anything else is an error naming the variable."""
+    monkeypatch.delenv(ops.TILE_ENV, raising=False)
+    monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
+    monkeypatch.delenv(ops.PAIRS_ENV, raising=False)
+    monkeypatch.setenv(ops.TRIM_ENV, "off")
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["pair64", "pair64"]
+    monkeypatch.setenv(ops.TRIM_ENV, "auto")
+    monkeypatch.setenv(ops.TILE_ENV, "own64")
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["pair64", "pair64"]
+    monkeypatch.setenv(ops.TILE_ENV, "own16")
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["pair16", "pair16"]
+    monkeypatch.delenv(ops.TILE_ENV)
+    monkeypatch.setenv(ops.TRIM_ENV, "8")
+    with pytest.raises(ValueError, match="JAX_MOE_TRIM.*got '8'"):
+        _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256)
 
 
 def test_split_gemm1_output_dtype(monkeypatch):
