@@ -315,8 +315,9 @@ def _stage_gemm_call(target, m, n, out_dtype, stage_cols, *operands, **attrs):
 def permute_gemm(hidden_states, hidden_states_scale, p: Plan, top_k, weights, weight_scales,
                  out_dtype=jnp.float32, block_m=64):
     """`jax_moe_permute_gemm`: `permute`, then the own grouped GEMM (row tile `block_m`: 128, 64
-    or a trimmed 32, 16, 8) on its rows -> d [T*k, N] in out_dtype, equal to grouped_gemm_raw(*permute(...),
-    weights, weight_scales, p.expert_offsets, out_dtype, tile=f"own{block_m}")."""
+    or a trimmed 32, 16, 8) on its rows -> d [T*k, N] in out_dtype, equal to
+    grouped_gemm_raw(*permute(...), weights, weight_scales, p.expert_offsets, out_dtype,
+    tile=f"own{block_m}")."""
     t, h = hidden_states.shape
     return _stage_gemm_call(
         "jax_moe_permute_gemm", t * top_k, weights.shape[1], out_dtype, h, hidden_states,
@@ -358,8 +359,9 @@ def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weigh
                  rows_per_group=None):
     """The pipeline's steps 1-4: permute, GEMM1 + act_quant, GEMM2 -> bf16 [T*k, H]. Where both
     GEMMs run the own kernel and GEMM1 runs split (decode: up to 16 rows per expert), as the two
-    pairs permute + GEMM1 and act_quant + GEMM2 (unless $JAX_MOE_STAGE_PAIRS=off); otherwise as
-    the separate stages."""
+    pairs permute + GEMM1 and act_quant + GEMM2 (unless $JAX_MOE_STAGE_PAIRS=off), with own64's
+    tile trimmed to the batch (`trimmed_block_m_for`) unless a tile is forced; otherwise as the
+    separate stages."""
     g = gemm1_weights.shape[0]
     rows_per_group = (rows_per_group if rows_per_group is not None
                       else hidden_states.shape[0] * top_k / max(g, 1))
