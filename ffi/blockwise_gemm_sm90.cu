@@ -387,11 +387,6 @@ constexpr int OutBufferBytes() {
   return TrimmedTile<BM>() ? 0 : 64 * 128 * int(sizeof(OutT));
 }
 
-__device__ __forceinline__ void Store2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
-__device__ __forceinline__ void Store2(__nv_bfloat16* p, float x, float y) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
-}
-
 template <int BM, class OutT, int EPI>
 __global__ void __launch_bounds__(kThreads, 1)
     OwnGroupedGemmKernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
@@ -714,7 +709,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (r < rows) {
               OutT* dr = d + int64_t(row0 + r) * n_out + col0 + 2 * (lane % 4);
 #pragma unroll
-              for (int j = 0; j < 16; ++j) Store2(dr + 8 * j, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+              for (int j = 0; j < 16; ++j)
+                Put2(reinterpret_cast<uint8_t*>(dr + 8 * j), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], OutT());
             }
           }
         }
