@@ -75,10 +75,7 @@ enum Epilogue : int { kStore = 0, kActGated = 1, kActPlain = 2 };
 // $JAX_MOE_WEIGHT_EVICT_FIRST=off (read once per process) turns it off for A/B runs.
 constexpr int kEvictFirstMaxRows = 256;
 inline int EvictFirstMaxRows() {
-  static const int rows = [] {
-    const char* v = std::getenv("JAX_MOE_WEIGHT_EVICT_FIRST");
-    return (v != nullptr && std::string(v) == "off") ? -1 : kEvictFirstMaxRows;
-  }();
+  static const int rows = EnvSwitchedOff("JAX_MOE_WEIGHT_EVICT_FIRST") ? -1 : kEvictFirstMaxRows;
   return rows;
 }
 

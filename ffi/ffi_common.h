@@ -8,6 +8,7 @@
 #endif
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <utility>
 
@@ -90,6 +91,13 @@ constexpr bool IsGatedActivation(int32_t a) { return a == kSwiglu || a == kGeglu
 constexpr bool IsSupportedActivation(int32_t a) { return IsGatedActivation(a) || a == kRelu2 || a == kIdentity; }
 
 inline unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+// Whether environment variable `name` is "off": a kernel launcher's A/B switch. Callers read it
+// once per process (a function-local static), as tools/env_ab.sh expects.
+inline bool EnvSwitchedOff(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == "off";
+}
 
 
 // Number of SMs of the current device (cached per device; no stream work, graph-capture safe).

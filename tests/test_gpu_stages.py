@@ -193,6 +193,43 @@ def test_route_nan_rows_are_isolated(method, e, k, ng, tg, dtype):
         assert len(set(row.tolist())) == k, f"repeated expert in a row: {row}"
 
 
+@pytest.mark.parametrize("e,k,ng,tg", [(256, 8, 8, 4), (256, 1, 8, 1), (256, 8, 8, 8), (128, 6, 4, 2),
+                                       (64, 8, 2, 1)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_route_groups_kernel_equals_one_warp_kernel(e, k, ng, tg, dtype):
+    """DeepSeek-V3 routing with 32 experts per group runs one block per token up to 128 tokens
+    (RouteGroupsKernel) and one warp per token beyond. Rows are independent, so the first n rows
+    of a 300-token call (one warp each) must equal an n-token call (one block each) bit for bit
+    -- with coarse values (ties broken by the lower expert, in the group scores too), NaN and
+    infinite logits; and the one-block kernel must match the pure-JAX routing."""
+    rng = np.random.default_rng(_seed("route_groups", e, k, ng, tg, str(dtype)))
+    t = 300
+    logits = np.round(rng.standard_normal((t, e)) * 4) / 4  # few distinct values: many ties
+    logits[1, :] = np.nan
+    logits[2, 3::7] = np.nan
+    logits[4, :e // 2] = np.inf
+    logits[5, :] = -np.inf
+    logits[6, 40 % e] = np.inf
+    logits[7, :] = 0.5  # every score equal
+    logits = jnp.asarray(logits.astype(np.float32)).astype(dtype)
+    bias = np.round(rng.standard_normal(e) * 4) / 32
+    bias[::5] = 0.0
+    bias = jnp.asarray(bias.astype(np.float32))
+    kw = dict(top_k=k, routing_method_type=R.DeepSeekV3, n_group=ng, topk_group=tg,
+              routed_scaling_factor=2.5)
+    ids_warp, w_warp = map(np.asarray, ops.route(logits, bias, **kw))
+    for n in (1, 3, 64, 128):
+        ids_block, w_block = map(np.asarray, ops.route(logits[:n], bias, **kw))
+        np.testing.assert_array_equal(ids_block, ids_warp[:n], err_msg=f"ids, {n} tokens")
+        assert _bits(w_block) == _bits(w_warp[:n]), f"weights differ, {n} tokens"
+    # against the pure-JAX routing on test_route_matches_xla's tie-free inputs, one block each
+    clean = _route_logits(rng, 5, e, dtype)
+    bias = jnp.asarray((rng.standard_normal(e) * 0.1).astype(np.float32))
+    (ids, w), (r_ids, r_w) = _route_both(clean, bias, R.DeepSeekV3, k, ng, tg, 2.5)
+    np.testing.assert_array_equal(ids, r_ids)
+    assert _ulp_diff(w, r_w).max() <= 1
+
+
 def test_route_deterministic_and_rejects_bad_params():
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.standard_normal((1000, 256)).astype(np.float32))
