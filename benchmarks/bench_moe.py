@@ -3,7 +3,8 @@
     python benchmarks/bench_moe.py [--workloads decode,ep,prefill] [--reps 30] [--json out.json]
 
 In one run: measures the two ceilings (dense FP8 GEMM rate of cuBLAS with per-tensor scales,
-device-to-device copy bandwidth), then for each workload the device time of the jitted op
+device-to-device copy bandwidth; beside them, for information, cuBLAS's rate with the op's own
+blockwise scales, column 'blk'), then for each workload the device time of the jitted op
 (`testing.device_time`: calls enqueued back to back over rotating input sets, per call in steady
 state -- batches of reps and 2 x reps calls, the difference over reps, so the fixed cost of each
 batch's first dispatch and final sync cancels -- median of 5 such pairs; the plain batch figure,
@@ -68,10 +69,13 @@ def ceilings(reps):
                 ts.append(s.elapsed_time(e) / 1e3)
             return float(np.median(ts))
 
-        out = measure({"gemm": (lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one,
-                                                         out_dtype=torch.bfloat16), 2.0 * n ** 3),
-                       "copy": (lambda: dst.copy_(src), 2.0 * src.numel())},
-                      burst, lambda _: torch.cuda.synchronize())
+        fns = {"gemm": (lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one,
+                                                 out_dtype=torch.bfloat16), 2.0 * n ** 3),
+               "copy": (lambda: dst.copy_(src), 2.0 * src.numel())}
+        blockwise = blockwise_gemm(torch, a, b)
+        if blockwise is not None:
+            fns["gemm_blockwise"] = (blockwise, 2.0 * n ** 3)
+        out = measure(fns, burst, lambda _: torch.cuda.synchronize())
         del a, b, src, dst
         torch.cuda.empty_cache()
         return out, "torch (cuBLAS _scaled_mm, copy_)"
@@ -85,6 +89,26 @@ def ceilings(reps):
         out = measure({"gemm": (lambda: mm(a, b), 2.0 * n ** 3), "copy": (lambda: cp(x), 2.0 * x.nbytes)},
                       lambda fn: median_time(fn, [()], reps)[0], jax.block_until_ready)
         return out, "XLA (fp8 dot, elementwise copy)"
+
+
+def blockwise_gemm(torch, a, b):
+    """cuBLAS's FP8 GEMM with the op's own scaling (1 x 128 activation blocks, 128 x 128 weight
+    blocks) on the ceiling's operands, when this torch has it (F.scaled_mm, torch >= 2.10);
+    else None. Informational: SPEC's roofline uses the per-tensor rate."""
+    F = torch.nn.functional
+    if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
+        return None
+    m, k = a.shape
+    n = b.shape[1]
+    a_scale = (torch.rand(k // 128, m, device="cuda") * 0.01 + 1e-3).t()  # M-major, as cuBLAS wants
+    b_scale = (torch.rand(n // 128, k // 128, device="cuda") * 0.01 + 1e-3).t()
+    call = lambda: F.scaled_mm(a, b, a_scale, F.ScalingType.BlockWise1x128, b_scale,  # noqa: E731
+                               F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+    try:
+        call()
+    except RuntimeError:  # a cuBLAS without blockwise FP8 on this GPU
+        return None
+    return call
 
 
 def stage_times(inp, e_loc, reps, tokens):
@@ -143,6 +167,12 @@ def main():
     print(f"ceilings ({how}): FP8 GEMM {ceil['gemm_steady'] / 1e12:.0f} TFLOP/s steady, "
           f"{ceil['gemm_burst'] / 1e12:.0f} burst; copy {ceil['copy_steady'] / 1e12:.2f} TB/s steady, "
           f"{ceil['copy_burst'] / 1e12:.2f} burst; the roofline uses the {args.ceilings} pair", flush=True)
+    blockwise_peak = ceil.get(f"gemm_blockwise_{args.ceilings}")
+    if blockwise_peak:
+        print(f"cuBLAS FP8 GEMM with the op's blockwise scales (1x128, 128x128), same operands: "
+              f"{ceil['gemm_blockwise_steady'] / 1e12:.0f} TFLOP/s steady, "
+              f"{ceil['gemm_blockwise_burst'] / 1e12:.0f} burst (column 'blk': the fraction "
+              f"with it in place of the per-tensor rate)", flush=True)
 
     weights = {}
     results = []
@@ -181,6 +211,9 @@ def main():
                      latency_p90_ms=p90 * 1e3, tflops=flops / dev / 1e12, weight_gbs=wbytes / dev / 1e9,
                      roofline_ms=roof * 1e3, roofline_fraction=roof / dev,
                      **{f"roofline_fraction_{other}": roof_other / dev})
+            if blockwise_peak:
+                r["roofline_fraction_blockwise"] = max(
+                    flops / blockwise_peak, (wbytes + act_bytes) / copy_bw) / dev
             if rows <= args.xla_max_rows:
                 fx = jax.jit(lambda *a: jax_moe.fp8_block_scale_moe(*a, **ROUTE_KW, backend="xla"))
                 tx = device_time(fx, sets[:1], max(3, args.reps // 10), batches=1, warmup=1)
@@ -199,13 +232,14 @@ def main():
                    date=time.strftime("%Y-%m-%d"))
     with open(args.json, "w") as f:
         json.dump(summary, f, indent=1)
-    hdr = f"{'workload':<8} {'T':>6} {'E_loc':>5} {'rows':>7} {'hit':>4} {'ms':>8} {'batch':>7} {'lat ms':>7} {'TFLOP/s':>8} {'wGB/s':>7} {'roof ms':>8} {'frac':>5} {other:>6} {'xla x':>7}"
+    hdr = f"{'workload':<8} {'T':>6} {'E_loc':>5} {'rows':>7} {'hit':>4} {'ms':>8} {'batch':>7} {'lat ms':>7} {'TFLOP/s':>8} {'wGB/s':>7} {'roof ms':>8} {'frac':>5} {other:>6} {'blk':>5} {'xla x':>7}"
     print(hdr)
     for r in results:
         sp = f"{r['speedup_vs_xla']:.1f}" if "speedup_vs_xla" in r else "-"
+        blk = f"{r['roofline_fraction_blockwise']:.2f}" if "roofline_fraction_blockwise" in r else "-"
         print(f"{r['workload']:<8} {r['T']:>6} {r['local_experts']:>5} {r['rows']:>7} {r['experts_hit']:>4} "
               f"{r['time_ms']:>8.3f} {r['batch_ms']:>7.3f} {r['latency_ms']:>7.3f} {r['tflops']:>8.1f} {r['weight_gbs']:>7.0f} {r['roofline_ms']:>8.3f} "
-              f"{r['roofline_fraction']:>5.2f} {r['roofline_fraction_' + other]:>6.2f} {sp:>7}")
+              f"{r['roofline_fraction']:>5.2f} {r['roofline_fraction_' + other]:>6.2f} {blk:>5} {sp:>7}")
     for r in results:
         if "stages_ms" in r:
             print(f"stages T={r['T']} E_loc={r['local_experts']}: " +

@@ -1,0 +1,94 @@
+"""What NVIDIA's own library reaches on DeepSeek-V3's blockwise-FP8 GEMM shapes (a reference for
+the compute-bound bar of the performance issue): cuBLASLt through PyTorch's scaled_mm with 1 x 128
+activation and 128 x 128 weight scales, beside the per-tensor-scaled GEMM the benchmark's ceiling
+uses, at the same M x N x K. M is rows of one dense GEMM (every row against one weight matrix: no
+expert switching, so an upper bound for a grouped kernel at that many rows in all). Checks each
+blockwise result against a float32 dequantized matmul before timing it.
+
+    python tools/cublas_blockwise_probe.py [--reps 30]
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+SHAPES = [  # (label, M, N, K)
+    ("gemm1 8192^3 (ceiling shape)", 8192, 8192, 8192),
+    ("gemm1 M=512", 512, 4096, 7168),
+    ("gemm1 M=1024", 1024, 4096, 7168),
+    ("gemm1 M=4096 (EP 4096 rows)", 4096, 4096, 7168),
+    ("gemm1 M=16384 (EP 16384 rows)", 16384, 4096, 7168),
+    ("gemm1 M=65536 (prefill 8192 rows)", 65536, 4096, 7168),
+    ("gemm2 M=16384", 16384, 7168, 2048),
+    ("gemm2 M=65536", 65536, 7168, 2048),
+]
+
+
+def timed(fn, reps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def blockwise_call():
+    """A callable (a, w, a_scale [M, K/128], w_scale [N/128, K/128]) -> bf16 [M, N], or None."""
+    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
+        st = F.ScalingType
+
+        def call(a, w, sa, sw):
+            return F.scaled_mm(a, w.t(), sa.t().contiguous().t(), st.BlockWise1x128, sw.t(),
+                               st.BlockWise128x128, output_dtype=torch.bfloat16)
+        return call, "F.scaled_mm (BlockWise1x128 x BlockWise128x128)"
+
+    def call(a, w, sa, sw):  # older releases infer the recipe from the scale shapes
+        return torch._scaled_mm(a, w.t(), scale_a=sa.t().contiguous().t(), scale_b=sw.t(),
+                                out_dtype=torch.bfloat16)
+    return call, "torch._scaled_mm (blockwise by scale shapes)"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")
+    call, name = blockwise_call()
+    print(f"blockwise path: {name}")
+    one = torch.ones((), device="cuda")
+    print(f"{'shape':36s} {'M':>6s} {'N':>5s} {'K':>5s}  {'tensor TF/s':>11s}  {'block TF/s':>10s}  block/tensor  rel err")
+    for label, m, n, k in SHAPES:
+        torch.manual_seed(m + n + k)
+        a = (torch.randn(m, k, device="cuda") * 0.5).to(FP8)
+        w = (torch.randn(n, k, device="cuda") * 0.5).to(FP8)
+        sa = torch.rand(m, k // 128, device="cuda") * 0.01 + 0.001
+        sw = torch.rand(n // 128, k // 128, device="cuda") * 0.01 + 0.001
+        flops = 2.0 * m * n * k
+        t_tensor = timed(lambda: torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one,
+                                                  out_dtype=torch.bfloat16), args.reps)
+        try:
+            out = call(a, w, sa, sw)
+            rows = min(m, 256)  # check the first rows against float32 dequantized math
+            ad = a[:rows].float() * sa[:rows].repeat_interleave(128, 1)
+            wd = w.float() * sw.repeat_interleave(128, 0).repeat_interleave(128, 1)
+            ref = ad @ wd.t()
+            err = ((out[:rows].float() - ref).norm() / ref.norm()).item()
+            t_block = timed(lambda: call(a, w, sa, sw), args.reps)
+            block = f"{flops / t_block / 1e9:10.0f}  {t_tensor / t_block:12.2f}  {err:.1e}"
+        except Exception as e:  # noqa: BLE001 -- report what this torch / cuBLAS cannot do
+            block = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        print(f"{label:36s} {m:6d} {n:5d} {k:5d}  {flops / t_tensor / 1e9:11.0f}  {block}", flush=True)
+        del a, w, sa, sw
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
