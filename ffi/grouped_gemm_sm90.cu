@@ -386,6 +386,18 @@ constexpr bool IsKnownTile(int32_t t) {
          (kExperimentTiles && (t == kBigM2 || t == kBigM2N2));
 }
 
+// The tile ids IsKnownTile accepts, for error messages: "1, 2, 3, 6, 8, 9, 10 or 11".
+std::string KnownTilesText() {
+  std::string text;
+  int last = -1;
+  for (int t = 0; t < 64; ++t) {
+    if (!IsKnownTile(t)) continue;
+    if (last >= 0) text += (text.empty() ? "" : ", ") + std::to_string(last);
+    last = t;
+  }
+  return text + " or " + std::to_string(last);
+}
+
 // --------------------------------------------------------------------------------------------
 // The handler.
 // --------------------------------------------------------------------------------------------
@@ -395,9 +407,8 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t tile) {
   const char* op = "jax_moe_grouped_gemm";
   if (!IsKnownTile(tile))
-    return InvalidArgument(std::string(op) + ": tile: expected 1, 2, 3, 6, 8, 9, 10 or 11" +
-                           (kExperimentTiles ? std::string(" (4, 5: experiment build)") : std::string()) +
-                           ", got " + std::to_string(tile));
+    return InvalidArgument(std::string(op) + ": tile: expected " + KnownTilesText() + ", got " +
+                           std::to_string(tile));
   GemmShape sh;
   JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands(op, a, a_scale, b, b_scale, offsets, &sh));
   const int64_t m = sh.m, n = sh.n, k = sh.k, g = sh.g;

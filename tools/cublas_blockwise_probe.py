@@ -5,7 +5,11 @@ uses, at the same M x N x K. M is rows of one dense GEMM (every row against one 
 expert switching, so an upper bound for a grouped kernel at that many rows in all). Checks each
 blockwise result against a float32 dequantized matmul before timing it.
 
-    python tools/cublas_blockwise_probe.py [--reps 30]
+--grouped adds the grouped shapes of tools/gemm_sweep.py (equal rows per group) done with cuBLAS
+the only way it offers on Hopper: one blockwise call per group, all captured in one CUDA graph
+(so no host launch gaps), and F.scaled_grouped_mm with blockwise recipes where this torch has it.
+
+    python tools/cublas_blockwise_probe.py [--reps 30] [--grouped]
 """
 import argparse
 
@@ -56,13 +60,72 @@ def blockwise_call():
     return call, "torch._scaled_mm (blockwise by scale shapes)"
 
 
+GROUPED = [  # (label, groups, rows per group, N, K): tools/gemm_sweep.py's shapes
+    ("prefill8192 gemm1", 256, 256, 4096, 7168),
+    ("prefill8192 gemm2", 256, 256, 7168, 2048),
+    ("ep16384 gemm1", 32, 512, 4096, 7168),
+    ("ep16384 gemm2", 32, 512, 7168, 2048),
+    ("ep4096 gemm1", 32, 128, 4096, 7168),
+    ("prefill2048 gemm1", 256, 64, 4096, 7168),
+]
+
+
+def grouped(call, reps):
+    """cuBLAS blockwise per group in one CUDA graph, and F.scaled_grouped_mm if it takes the
+    blockwise recipes, at GROUPED's shapes."""
+    print(f"{'grouped shape':22s} {'G':>4s} {'rows':>5s} {'N':>5s} {'K':>5s}  {'graph of G calls TF/s':>21s}  scaled_grouped_mm")
+    for label, g, rows, n, k in GROUPED:
+        torch.manual_seed(g * rows)
+        m = g * rows
+        a = (torch.randn(m, k, device="cuda") * 0.5).to(FP8)
+        w = (torch.randn(g, n, k, device="cuda") * 0.5).to(FP8)
+        sa = torch.rand(m, k // 128, device="cuda") * 0.01 + 0.001
+        sw = torch.rand(g, n // 128, k // 128, device="cuda") * 0.01 + 0.001
+        sa_groups = [sa[i * rows:(i + 1) * rows] for i in range(g)]
+
+        def loop():  # each group's output stays where cuBLAS wrote it: no copy kernels
+            return [call(a[i * rows:(i + 1) * rows], w[i], sa_groups[i], sw[i]) for i in range(g)]
+        flops = 2.0 * m * n * k
+        try:
+            loop()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loop()
+            t = timed(graph.replay, reps)
+            looped = f"{flops / t / 1e9:21.0f}"
+            del graph
+        except Exception as e:  # noqa: BLE001
+            looped = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        try:
+            F_ = torch.nn.functional
+            offs = torch.arange(1, g + 1, device="cuda", dtype=torch.int32) * rows
+            fn = lambda: F_.scaled_grouped_mm(  # noqa: E731
+                a, w.transpose(-2, -1), sa.t().contiguous().t(), F_.ScalingType.BlockWise1x128,
+                sw.transpose(-2, -1), F_.ScalingType.BlockWise128x128, offs=offs,
+                output_dtype=torch.bfloat16)
+            fn()
+            gm = f"{flops / timed(fn, reps) / 1e9:.0f} TF/s"
+        except Exception as e:  # noqa: BLE001
+            gm = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        print(f"{label:22s} {g:4d} {rows:5d} {n:5d} {k:5d}  {looped}  {gm}", flush=True)
+        del a, w, sa, sw, sa_groups
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--grouped", action="store_true")
+    ap.add_argument("--no-dense", action="store_true")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")
     call, name = blockwise_call()
     print(f"blockwise path: {name}")
+    if args.grouped:
+        grouped(call, args.reps)
+    if args.no_dense:
+        return
     one = torch.ones((), device="cuda")
     print(f"{'shape':36s} {'M':>6s} {'N':>5s} {'K':>5s}  {'tensor TF/s':>11s}  {'block TF/s':>10s}  block/tensor  rel err")
     for label, m, n, k in SHAPES:
