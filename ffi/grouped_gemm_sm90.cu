@@ -153,6 +153,14 @@ template <class ElementD>
 using BigM2Config = Cooperative128Config<ElementD, Shape<_2, _1, _1>>;
 template <class ElementD>
 using BigM2N2Config = Cooperative128Config<ElementD, Shape<_2, _2, _1>>;
+// What cuBLAS runs for the blockwise GEMM at these shapes (nvjet ..._128x128_128x6_1x2_...
+// _coopA_..._Ablk128_Bvec128: benchmarks/RESULTS.md, twenty-eighth session): swapped operands
+// (the weights on A), a 128 x 128 x 128 cooperative tile, 1 x 2 clusters (each weight tile
+// multicast to two token tiles of its group).
+template <class ElementD>
+using SwapBigConfig = GroupedGemmConfig<ElementD, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
+                                        cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                                        cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative, true>;
 #endif
 
 // --------------------------------------------------------------------------------------------
@@ -364,13 +372,13 @@ ffi::Error RunGroupedGemm(cudaStream_t stream, int device, int num_groups, int m
 
 // Tile configs, the handler's `tile` attribute (jax_moe/ops.py GEMM_TILES lists the same
 // numbers and chooses one per call, "auto" included): 1 = cooperative 128x128, 2 = ping-pong
-// 64x128, 3 = swapped operands with 32 token rows per tile; 4, 5 in experiment builds; 6, 8 =
+// 64x128, 3 = swapped operands with 32 token rows per tile; 4, 5, 20 in experiment builds; 6, 8 =
 // the own TMA + wgmma kernel (blockwise_gemm_sm90.cu) with 128x128 and 64x256 tiles (7, its
 // 128x192 tile until 2026-11, is retired: it never won and spilled); 9, 10, 11 = its trimmed
 // 64x256 tiles with 32, 16 and 8 rows of a per tile (decode batches).
 enum Tile : int32_t {
   kBig = 1, kSmall = 2, kSwap32 = 3, kBigM2 = 4, kBigM2N2 = 5, kOwn128 = 6, kOwn64 = 8, kOwn32 = 9, kOwn16 = 10,
-  kOwn8 = 11
+  kOwn8 = 11, kSwapBig = 20
 };
 // The own kernel's row tile of an own tile config, 0 for the CUTLASS ones.
 constexpr int OwnBlockM(int32_t t) {
@@ -383,7 +391,7 @@ constexpr bool kExperimentTiles = false;
 #endif
 constexpr bool IsKnownTile(int32_t t) {
   return t == kBig || t == kSmall || t == kSwap32 || OwnBlockM(t) > 0 ||
-         (kExperimentTiles && (t == kBigM2 || t == kBigM2N2));
+         (kExperimentTiles && (t == kBigM2 || t == kBigM2N2 || t == kSwapBig));
 }
 
 // The tile ids IsKnownTile accepts, for error messages: "1, 2, 3, 6, 8, 9, 10 or 11".
@@ -442,6 +450,7 @@ ffi::Error GroupedGemmImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a
 #ifdef JAX_MOE_GEMM_EXPERIMENTS
       case kBigM2: return run(BigM2Config<D>{});
       case kBigM2N2: return run(BigM2N2Config<D>{});
+      case kSwapBig: return run(SwapBigConfig<D>{});
 #endif
       default: return run(BigConfig<D>{});  // kBig
     }

@@ -19,7 +19,7 @@ import jax_moe
 from jax_moe import ops, quant
 from jax_moe.testing import device_time, random_expert_weights
 
-EXPERIMENT_TILES = {"128m2": 4, "128m2n2": 5}
+EXPERIMENT_TILES = {"128m2": 4, "128m2n2": 5, "swap128": 20}
 
 # (workload, groups, rows per group, N, K, output dtype)
 SHAPES = [
@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--tiles", nargs="+", default=["128", "128m2", "128m2n2"])
     ap.add_argument("--sched", nargs="+", default=["M1", "N1", "M4"])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--only", default="", help="only the shapes whose name contains this")
     args = ap.parse_args()
     ok, why = jax_moe.cuda_status()
     if not ok:
@@ -73,6 +74,8 @@ def main():
     print("gemm-sweep  " + f"{'shape':<18} {'out':>4}  " +
           "  ".join(f"{t + '/' + s:>12}" for t, s in combos) + "   (TFLOP/s)", flush=True)
     for name, g, rows, n, k, dt in SHAPES:
+        if args.only not in name:
+            continue
         opnds = operands(g, rows, n, k)
         flops = 2.0 * g * rows * n * k
         cells = []
