@@ -368,8 +368,9 @@ def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weigh
     pairs = os.environ.get(PAIRS_ENV, "auto")
     if pairs not in ("auto", "off"):
         raise ValueError(f"${PAIRS_ENV}: expected 'auto' or 'off', got {pairs!r}")
-    block_m = _OWN_BLOCK_M.get(_gemm_tile(None, rows_per_group, g))
-    if block_m == 64 and os.environ.get(TILE_ENV, "auto") == "auto":
+    tile = os.environ.get(TILE_ENV, "auto")  # read once: a forced own64 is not trimmed
+    block_m = _OWN_BLOCK_M.get(_gemm_tile(tile, rows_per_group, g))
+    if block_m == 64 and tile == "auto":
         block_m = trimmed_block_m_for(hidden_states.shape[0])
     if pairs == "auto" and block_m and not _gemm1_fused_block_m(rows_per_group, g):
         h = permute_gemm(hidden_states, hidden_states_scale, p, top_k, gemm1_weights,
