@@ -52,19 +52,15 @@ def m_major(sa):
 
 def blockwise_call():
     """A callable (a, w, a_scale [M, K/128] M-major (m_major), w_scale [N/128, K/128]) -> bf16
-    [M, N]."""
-    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
-        st = F.ScalingType
+    [M, N] through F.scaled_mm (torch >= 2.10, as on the GPU image), and its name."""
+    if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
+        raise SystemExit(f"torch {torch.__version__} has no F.scaled_mm with blockwise recipes")
+    st = F.ScalingType
 
-        def call(a, w, sa, sw):
-            return F.scaled_mm(a, w.t(), sa, st.BlockWise1x128, sw.t(),
-                               st.BlockWise128x128, output_dtype=torch.bfloat16)
-        return call, "F.scaled_mm (BlockWise1x128 x BlockWise128x128)"
-
-    def call(a, w, sa, sw):  # older releases infer the recipe from the scale shapes
-        return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sw.t(),
-                                out_dtype=torch.bfloat16)
-    return call, "torch._scaled_mm (blockwise by scale shapes)"
+    def call(a, w, sa, sw):
+        return F.scaled_mm(a, w.t(), sa, st.BlockWise1x128, sw.t(), st.BlockWise128x128,
+                           output_dtype=torch.bfloat16)
+    return call, "F.scaled_mm (BlockWise1x128 x BlockWise128x128)"
 
 
 GROUPED = [  # (label, groups, rows per group, N, K): tools/gemm_sweep.py's shapes
