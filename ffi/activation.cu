@@ -78,11 +78,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     ActQuantKernel(const T* __restrict__ g, const int32_t* __restrict__ offsets,
                    int num_groups, int64_t num_rows, int64_t inter,
                    __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scales,
-                   int32_t* __restrict__ zero_counter) {
+                   ZeroInts zero) {
   constexpr int kValues = kLaneValues<T>;
   constexpr int kLanes = kUnitLanes<T>;
   constexpr int kUnits = kUnitsPerBlock<T>;
-  StageKernelBegin(zero_counter);
+  StageKernelBegin(zero);
   extern __shared__ int offs[];  // [G + 1]
   const int64_t valid_rows = LoadGroupOffsets(offsets, num_groups, offs, num_rows);
   const int64_t kb_count = inter / 128;
@@ -160,24 +160,24 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 template <class T>
 void LaunchActQuant(cudaStream_t stream, unsigned grid, size_t smem, int32_t activation,
                     const void* g, const int32_t* offsets, int num_groups, int64_t m,
-                    int64_t inter, __nv_fp8_storage_t* q, float* scales, int32_t* zero_counter) {
+                    int64_t inter, __nv_fp8_storage_t* q, float* scales, ZeroInts zero) {
   auto* gp = static_cast<const T*>(g);
   switch (activation) {
     case kSwiglu:
       ActQuantKernel<kSwiglu, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
-                                                                   inter, q, scales, zero_counter);
+                                                                   inter, q, scales, zero);
       break;
     case kGeglu:
       ActQuantKernel<kGeglu, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
-                                                                  inter, q, scales, zero_counter);
+                                                                  inter, q, scales, zero);
       break;
     case kRelu2:
       ActQuantKernel<kRelu2, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
-                                                                  inter, q, scales, zero_counter);
+                                                                  inter, q, scales, zero);
       break;
     default:
       ActQuantKernel<kIdentity, T><<<grid, kThreads, smem, stream>>>(gp, offsets, num_groups, m,
-                                                                     inter, q, scales, zero_counter);
+                                                                     inter, q, scales, zero);
       break;
   }
 }
@@ -186,7 +186,7 @@ void LaunchActQuant(cudaStream_t stream, unsigned grid, size_t smem, int32_t act
 
 ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi::Buffer<ffi::S32>& offsets,
                          ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation,
-                         int32_t* zero_counter) {
+                         ZeroInts zero) {
   const bool gated = IsGatedActivation(activation);
   if (!IsSupportedActivation(activation)) {
     return InvalidArgument("jax_moe_act_quant: activation: expected Swiglu (3), Geglu (4), "
@@ -226,7 +226,7 @@ ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi
   auto* qp = static_cast<__nv_fp8_storage_t*>(q.untyped_data());
   auto launch = f32 ? LaunchActQuant<float> : LaunchActQuant<__nv_bfloat16>;
   launch(stream, grid, smem, activation, g.untyped_data(), offsets.typed_data(), num_groups, m,
-         inter, qp, scales.typed_data(), zero_counter);
+         inter, qp, scales.typed_data(), zero);
   JAX_MOE_CHECK_LAUNCH("jax_moe_act_quant kernel launch");
   return ffi::Error::Success();
 }

@@ -384,33 +384,13 @@ constexpr int OutBufferBytes() {
   return TrimmedTile<BM>() ? 0 : 64 * 128 * int(sizeof(OutT));
 }
 
-template <int BM, class OutT, int EPI>
-__global__ void __launch_bounds__(kThreads, 1)
-    OwnGroupedGemmKernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                         const __grid_constant__ CUtensorMap map_d, const float* __restrict__ a_scale,
-                         const float* __restrict__ b_scale, const int32_t* __restrict__ offsets, int num_groups,
-                         int m, int n, int k, OutT* __restrict__ d, float* __restrict__ d_scale, int activation,
-                         int* __restrict__ tile_counter, int evict_first_max_rows) {
-  constexpr bool kAct = EPI != kStore;
-  static_assert(!kAct || sizeof(OutT) == 1, "the fused epilogue writes fp8");
-  constexpr bool kGated = EPI == kActGated;
-  constexpr bool kSplitRows = BM == 128;   // warpgroups on different rows (own128) or columns (own64)
-  // the wide tile: each warpgroup's 64 rows x all 256 b rows, as two 128-row halves
-  constexpr bool kWide = WideTile<BM, EPI>();
-  constexpr bool kTrim = TrimmedTile<BM>();
-  static_assert(!kTrim || !kAct, "the trimmed tiles store the GEMM result only");
-  constexpr int OB = int(sizeof(OutT));
-  constexpr int BN = TileBRows<BM, EPI>(), TN = TileOutCols<BM, EPI>();
-  using S = Smem<BM, BN, OutBufferBytes<BM, OutT>()>;
-  constexpr int STAGES = S::kStages;
-  extern __shared__ uint8_t smem_raw[];
-  S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+// Start of every own-kernel CTA: the group offsets (clamped to [0, m], made non-decreasing) in
+// s.offsets, the prefix of row tiles (BM rows each) in s.tile_start, the pipeline's barriers
+// initialized; ends with __syncthreads.
+template <int BM, int STAGES, class S>
+__device__ __forceinline__ void InitTileSchedule(S& s, const int32_t* __restrict__ offsets, int num_groups, int m) {
   const int tid = threadIdx.x;
-  const int n_out = kGated ? n / 2 : n;  // columns of d
-  const int num_units = (n_out + TN - 1) / TN, kb_count = k / BK, nb_count = n / 128;
-
-  // Group offsets (clamped to [0, m], made non-decreasing) and the prefix of row tiles, in
-  // parallel: a serial walk by one thread costs ~0.1 us of load latency per group (25 us at 256).
+  // In parallel: a serial walk by one thread costs ~0.1 us of load latency per group (25 us at 256).
   for (int i = tid; i <= num_groups; i += kThreads) s.offsets[i] = min(max(offsets[i], 0), m);
   if (tid == 0) {
     for (int i = 0; i < STAGES; ++i) {
@@ -461,6 +441,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();
+}
+
+template <int BM, class OutT, int EPI>
+__global__ void __launch_bounds__(kThreads, 1)
+    OwnGroupedGemmKernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                         const __grid_constant__ CUtensorMap map_d, const float* __restrict__ a_scale,
+                         const float* __restrict__ b_scale, const int32_t* __restrict__ offsets, int num_groups,
+                         int m, int n, int k, OutT* __restrict__ d, float* __restrict__ d_scale, int activation,
+                         int* __restrict__ tile_counter, int evict_first_max_rows) {
+  constexpr bool kAct = EPI != kStore;
+  static_assert(!kAct || sizeof(OutT) == 1, "the fused epilogue writes fp8");
+  constexpr bool kGated = EPI == kActGated;
+  constexpr bool kSplitRows = BM == 128;   // warpgroups on different rows (own128) or columns (own64)
+  // the wide tile: each warpgroup's 64 rows x all 256 b rows, as two 128-row halves
+  constexpr bool kWide = WideTile<BM, EPI>();
+  constexpr bool kTrim = TrimmedTile<BM>();
+  static_assert(!kTrim || !kAct, "the trimmed tiles store the GEMM result only");
+  constexpr int OB = int(sizeof(OutT));
+  constexpr int BN = TileBRows<BM, EPI>(), TN = TileOutCols<BM, EPI>();
+  using S = Smem<BM, BN, OutBufferBytes<BM, OutT>()>;
+  constexpr int STAGES = S::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int tid = threadIdx.x;
+  const int n_out = kGated ? n / 2 : n;  // columns of d
+  const int num_units = (n_out + TN - 1) / TN, kb_count = k / BK, nb_count = n / 128;
+
+  InitTileSchedule<BM, STAGES>(s, offsets, num_groups, m);
   const int total = s.tile_start[num_groups] * num_units;
   const int wg = tid / 128;
 
@@ -741,6 +749,286 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The decode chain ("jax_moe_permute_gemm_chain"): an MoE's GEMM1 with the gated activation and
+// FP8 re-quantization in its epilogue (SPEC 3 steps 2-4, the arithmetic of act_quant) and its
+// GEMM2, in one persistent launch of the trimmed (BM = 8, 16, 32) or 64-row tiles, 64 x 256:
+//   tiles [0, total1): GEMM1, a tile = one 128-column quantization block of one row tile (b's
+//     up and gate rows of those columns, 64-row boxes alternating as in the fused GEMM1);
+//   tiles [total1, total): GEMM2, a tile = 256 output columns of one row tile, bfloat16 out.
+// The tile counter hands out every GEMM1 tile before any GEMM2 tile. A GEMM1 tile's epilogue
+// writes its fp8 block and scales straight from the registers and then adds 1 to its group's
+// counter (workspace[kChainCountersAt + g], release); a GEMM2 tile issues its first stages'
+// weight loads, then waits until its group's counter reaches the group's GEMM1 tiles (acquire)
+// before it loads the activations. So GEMM2's weights stream while the last GEMM1 tiles finish,
+// with no act_quant kernel, launch or ramp between the GEMMs. Every GEMM1 tile is claimed
+// before the GEMM2 tiles that wait for it, by a CTA that is running: the wait needs every CTA of
+// the grid (one per SM) resident, as any persistent kernel with cross-CTA waits (CUTLASS's
+// stream-K fix-up) does. Same sums in the same order as GEMM1 (bf16 out) -> act_quant -> GEMM2:
+// bit-identical results.
+constexpr int kChainCountersAt = kOwnGemmWorkspaceInts;  // workspace: [0] tile counter, [4 + g] group g
+
+__device__ __forceinline__ int LoadAcquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void AddRelease(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// Orders this thread's generic-proxy global accesses with its async-proxy (TMA) ones.
+__device__ __forceinline__ void FenceProxyAsyncGlobal() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+__device__ __forceinline__ void AwaitCount(const int* counter, int target) {
+  while (LoadAcquire(counter) < target) __nanosleep(32);
+}
+
+struct ChainTile {
+  bool gemm2;
+  int g, row0, end, n0;  // group, first row, the group's row end, first column (GEMM1: of the I outputs)
+};
+
+template <int BM>
+__global__ void __launch_bounds__(kThreads, 1)
+    OwnDecodeChainKernel(const __grid_constant__ CUtensorMap map_a1, const __grid_constant__ CUtensorMap map_b1,
+                         const __grid_constant__ CUtensorMap map_a2, const __grid_constant__ CUtensorMap map_b2,
+                         const float* __restrict__ a1_scale, const float* __restrict__ b1_scale,
+                         const float* __restrict__ b2_scale, const int32_t* __restrict__ offsets, int num_groups,
+                         int m, int hidden, int inter, uint8_t* __restrict__ act, float* __restrict__ act_scale,
+                         __nv_bfloat16* __restrict__ d, int activation, int* __restrict__ workspace,
+                         int evict_first_max_rows) {
+  static_assert(BM <= 64, "64 x 256 tiles, trimmed or not");
+  constexpr int BN = 256;
+  using S = Smem<BM, BN, 0>;
+  constexpr int STAGES = S::kStages;
+  constexpr uint32_t kStageTx = (BM + BN) * BK;
+  extern __shared__ uint8_t smem_raw[];
+  S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int tid = threadIdx.x;
+  const int units1 = inter / 128, units2 = (hidden + BN - 1) / BN;  // column tiles per row tile
+  const int kb1 = hidden / BK, kb2 = inter / BK;                     // K blocks
+  const int nb1 = 2 * inter / 128, nb2 = hidden / 128;               // weight-scale blocks along N
+  int* tile_counter = workspace;
+  int* done = workspace + kChainCountersAt;
+  InitTileSchedule<BM, STAGES>(s, offsets, num_groups, m);
+  const int total1 = s.tile_start[num_groups] * units1;
+  const int total = total1 + s.tile_start[num_groups] * units2;
+  auto coords = [&](int t, ChainTile& c) {
+    c.gemm2 = t >= total1;
+    TileCoords<BM>(s, num_groups, c.gemm2 ? units2 : units1, c.gemm2 ? BN : 128, c.gemm2 ? t - total1 : t, &c.g,
+                   &c.row0, &c.end, &c.n0);
+  };
+  // GEMM1 tiles of group g, which its GEMM2 tiles wait for
+  auto gemm1_tiles = [&](int g) { return units1 * (s.tile_start[g + 1] - s.tile_start[g]); };
+  const int wg = tid / 128;
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) {  // TMA loads of A and B; claims the tiles
+      const uint64_t evict_first = EvictFirstPolicy();
+      const bool few_rows = s.offsets[num_groups] <= evict_first_max_rows;
+      auto load_b = [&](int st, const ChainTile& c, int kb) {
+        const bool lone = few_rows && c.end - s.offsets[c.g] <= BM;  // the weight tile's only reader
+        const CUtensorMap* map = c.gemm2 ? &map_b2 : &map_b1;
+#pragma unroll
+        for (int i = 0; i < BN / 64; ++i) {
+          const int row = c.gemm2 ? c.g * hidden + c.n0 + 64 * i : c.g * 2 * inter + BBoxRow<kActGated>(i, c.n0, inter);
+          if (lone)
+            TmaLoadHint(s.b[st] + i * 64 * BK, map, &s.full[st], kb * BK, row, evict_first);
+          else
+            TmaLoad(s.b[st] + i * 64 * BK, map, &s.full[st], kb * BK, row);
+        }
+      };
+      // stages of the current tile whose b loads are issued, from its first stage on: the first
+      // tile's go out before the grid-dependency wait (the weights and offsets are complete when
+      // the kernel before this one starts), a GEMM2 tile's before the wait for its group
+      int early = 0;
+      ChainTile c;
+      if (int(blockIdx.x) < total) {
+        coords(blockIdx.x, c);
+        early = min(STAGES, c.gemm2 ? kb2 : kb1);
+        for (int kb = 0; kb < early; ++kb) {  // fresh stages: no empty wait
+          MbarExpectTx(&s.full[kb], kStageTx);
+          load_b(kb, c, kb);
+        }
+      }
+      GridDependencyWait();
+      int stage = 0, slot = 0;
+      uint32_t phase = 0, slot_phase = 0;
+      auto next = [&] { if (++stage == STAGES) { stage = 0; phase ^= 1; } };
+      for (int t = blockIdx.x;; t = gridDim.x + atomicAdd(tile_counter, 1)) {
+        PublishTile(s, slot, slot_phase, t);
+        if (t >= total) break;
+        coords(t, c);
+        const int kbs = c.gemm2 ? kb2 : kb1;
+        if (c.gemm2) {
+          if (early == 0) {
+            const int first = stage;
+            const uint32_t first_phase = phase;
+            early = min(STAGES, kbs);
+            for (int kb = 0; kb < early; ++kb) {
+              MbarWait(&s.empty[stage], phase ^ 1);
+              MbarExpectTx(&s.full[stage], kStageTx);
+              load_b(stage, c, kb);
+              next();
+            }
+            stage = first;
+            phase = first_phase;
+          }
+          AwaitCount(done + c.g, gemm1_tiles(c.g));
+          FenceProxyAsyncGlobal();  // the activations were written through the generic proxy
+        }
+        const CUtensorMap* map_a = c.gemm2 ? &map_a2 : &map_a1;
+        for (int kb = 0; kb < kbs; ++kb) {
+          const bool b_issued = kb < early;
+          if (!b_issued) {
+            MbarWait(&s.empty[stage], phase ^ 1);
+            MbarExpectTx(&s.full[stage], kStageTx);
+          }
+          TmaLoad(s.a[stage], map_a, &s.full[stage], kb * BK, c.row0);
+          if (!b_issued) load_b(stage, c, kb);
+          next();
+        }
+        early = 0;
+      }
+    } else if (tid >= 32 && tid < 64) {  // warp 1: the scales of every K block
+      GridDependencyWait();  // a1's scales come from the kernel before
+      const int lane = tid - 32;
+      int stage = 0, slot = 0;
+      uint32_t phase = 0, slot_phase = 0;
+      for (;;) {
+        const int t = ReceiveTile(s, slot, slot_phase, lane);
+        if (t >= total) break;
+        ChainTile c;
+        coords(t, c);
+        const int kbs = c.gemm2 ? kb2 : kb1;
+        const int g0 = s.offsets[c.g], rows_g = c.end - g0;
+        const float* sa = (c.gemm2 ? act_scale : a1_scale) + int64_t(g0) * kbs + (c.row0 - g0);
+        const float* sb = c.gemm2 ? b2_scale + int64_t(c.g) * nb2 * kb2 : b1_scale + int64_t(c.g) * nb1 * kb1;
+        // GEMM1: the blocks of the up and the gate rows; GEMM2: of b rows [0, 128) and [128, 256)
+        const int sb0 = c.gemm2 ? min(c.n0 / 128, nb2 - 1) : c.n0 / 128;
+        const int sb1 = c.gemm2 ? min(c.n0 / 128 + 1, nb2 - 1) : (inter + c.n0) / 128;
+        if (c.gemm2) AwaitCount(done + c.g, gemm1_tiles(c.g));  // act_scale: written by GEMM1's tiles
+        constexpr int kRegs = (BM + 31) / 32;  // row scales per lane
+        for (int kb = 0; kb < kbs; ++kb) {
+          float v[kRegs];
+#pragma unroll
+          for (int i = 0; i < kRegs; ++i) {
+            const int r = lane + 32 * i;
+            const float* p = sa + int64_t(kb) * rows_g + r;
+            // the activations' scales through the L2 only (other SMs wrote them in this kernel)
+            v[i] = r < BM && c.row0 + r < c.end ? (c.gemm2 ? __ldcg(p) : __ldg(p)) : 0.0f;
+          }
+          const float vb = lane < 2 ? __ldg(sb + int64_t(lane == 0 ? sb0 : sb1) * kbs + kb) : 0.0f;
+          MbarWait(&s.empty[stage], phase ^ 1);
+#pragma unroll
+          for (int i = 0; i < kRegs; ++i)
+            if (lane + 32 * i < BM) s.sa[stage][lane + 32 * i] = v[i];
+          if (lane < 2) s.sb[stage][lane] = vb;
+          MbarArrive(&s.full[stage]);
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    GridDependencyWait();  // the group counters are zeroed by the kernel before
+    // math warpgroup w = wg - 1: the tile's 64 rows (BM of them real) x b rows [128w, 128w + 128):
+    // GEMM1 the up and gate rows of output columns [64w, 64w + 64) of the tile's 128, GEMM2
+    // output columns [128w, 128w + 128) of its 256
+    const int w = wg - 1;
+    const int ct = tid - 128 * wg;
+    const int warp = ct / 32, lane = ct % 32;
+    const int rl0 = warp * 16 + lane / 4;  // first of this thread's two rows
+    int stage = 0, slot = 0;
+    uint32_t phase = 0, slot_phase = 0;
+    float acc[64], part[64];
+    for (;;) {
+      const int t = ReceiveTile(s, slot, slot_phase, lane);
+      if (t >= total) break;
+      ChainTile c;
+      coords(t, c);
+      const int kbs = c.gemm2 ? kb2 : kb1;
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+      for (int kb = 0; kb < kbs; ++kb) {
+        MbarWait(&s.full[stage], phase);
+        const int st = stage;
+        // GEMM1: columns [0, 64) of the accumulators are up (scale block 0), [64, 128) gate (1)
+        const float b0 = s.sb[st][c.gemm2 ? w : 0], b1 = s.sb[st][c.gemm2 ? w : 1];
+        const float f0a = s.sa[st][rl0], f1a = s.sa[st][rl0 + 8];
+        const uint64_t da = SmemDesc(s.a[st]);
+        const uint64_t db = SmemDesc(s.b[st] + 128 * w * BK);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 32; ++kk) Wgmma(part, da + 2 * kk, db + 2 * kk, kk > 0);
+        WgmmaCommit();
+        if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        WgmmaWait0();
+        if (ct == 0) MbarArrive(&s.empty[st]);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {  // acc += part * (row scale * weight scale)
+          const float sb = j < 8 ? b0 : b1;
+          const float f0 = f0a * sb, f1 = f1a * sb;
+          acc[4 * j + 0] += part[4 * j + 0] * f0;
+          acc[4 * j + 1] += part[4 * j + 1] * f0;
+          acc[4 * j + 2] += part[4 * j + 2] * f1;
+          acc[4 * j + 3] += part[4 * j + 3] * f1;
+        }
+      }
+      const int rows = min(BM, c.end - c.row0);  // the tile's rows in its group
+      if (c.gemm2) {  // rows rl0, rl0 + 8; columns 8j + 2 (lane % 4) + {0, 1} of the warpgroup's 128
+        const int col0 = c.n0 + 128 * w;
+        if (col0 < hidden) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = rl0 + 8 * h;
+            if (r < rows) {
+              __nv_bfloat16* dr = d + int64_t(c.row0 + r) * hidden + col0 + 2 * (lane % 4);
+#pragma unroll
+              for (int j = 0; j < 16; ++j)
+                Put2(reinterpret_cast<uint8_t*>(dr + 8 * j), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1],
+                     __nv_bfloat16());
+            }
+          }
+        }
+        continue;
+      }
+      // GEMM1's epilogue: 32 activations (64 up x 64 gate columns), the row maxima of the
+      // tile's 128-column block over both warpgroups, scales, fp8 codes straight to memory
+      float a[32];
+      if (activation == kGeglu) ActivateTile<kGeglu, kActGated>(acc, a);
+      else ActivateTile<kSwiglu, kActGated>(acc, a);
+      float2 amax = RowAbsMax<32>(a);
+      if (lane % 4 == 0) {
+        s.amax[w][rl0] = amax.x;
+        s.amax[w][rl0 + 8] = amax.y;
+      }
+      MathBarrier();
+      amax = make_float2(fmaxf(s.amax[0][rl0], s.amax[1][rl0]), fmaxf(s.amax[0][rl0 + 8], s.amax[1][rl0 + 8]));
+      const float sc[2] = {fmaxf(amax.x / 448.0f, FLT_MIN), fmaxf(amax.y / 448.0f, FLT_MIN)};
+      const int g0 = s.offsets[c.g];
+      // scale(row r of group g, block c) = act_scale[g0 * I/128 + c * rows_g + r - g0]
+      float* ds = act_scale + int64_t(g0) * units1 + int64_t(c.n0 / 128) * (c.end - g0) - g0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = rl0 + 8 * h;
+        if (r >= rows) continue;
+        if (w == 0 && lane % 4 == 0) ds[c.row0 + r] = sc[h];
+        const float inv = 1.0f / sc[h];  // a / s as act_quant's StoreFp8 computes it
+        uint8_t* q = act + int64_t(c.row0 + r) * inter + c.n0 + 64 * w + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          *reinterpret_cast<__nv_fp8x2_storage_t*>(q + 8 * j) = __nv_cvt_float2_to_fp8x2(
+              make_float2(DivideByScale(a[4 * j + 2 * h], sc[h], inv), DivideByScale(a[4 * j + 2 * h + 1], sc[h], inv)),
+              __NV_SATFINITE, __NV_E4M3);
+      }
+      FenceProxyAsyncGlobal();  // GEMM2's TMA loads read these codes
+      MathBarrier();            // both warpgroups' stores done (and s.amax free again)
+      if (w == 0 && ct == 0) AddRelease(done + c.g, 1);
+    }
+  }
+}
+
 PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* p = nullptr;
@@ -956,7 +1244,7 @@ ffi::Error PermuteGemmImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buff
                            ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t top_k, int32_t block_m) {
   auto stage = [&](int32_t* counter) {
     return PermuteStage(stream, hidden, hidden_scale, slot_to_row, row_to_slot, offsets, *rows, *row_scales, top_k,
-                        counter);
+                        ZeroInts{counter, 1});
   };
   return StageThenGemm("jax_moe_permute_gemm", stream, stage, *rows, *row_scales, b, b_scale, offsets, *d, *workspace,
                        block_m);
@@ -967,7 +1255,7 @@ ffi::Error ActQuantGemmImpl(cudaStream_t stream, ffi::AnyBuffer h, ffi::Buffer<f
                             ffi::Result<ffi::AnyBuffer> act, ffi::Result<ffi::Buffer<ffi::F32>> act_scales,
                             ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t activation, int32_t block_m) {
   auto stage = [&](int32_t* counter) {
-    return ActQuantStage(stream, h, offsets, *act, *act_scales, activation, counter);
+    return ActQuantStage(stream, h, offsets, *act, *act_scales, activation, ZeroInts{counter, 1});
   };
   return StageThenGemm("jax_moe_act_quant_gemm", stream, stage, *act, *act_scales, b, b_scale, offsets, *d,
                        *workspace, block_m);
@@ -1010,5 +1298,110 @@ XLA_FFI_DEFINE_HANDLER(ActQuantGemmHandler, ActQuantGemmImpl,
 
 JAX_MOE_REGISTER_TARGET("jax_moe_permute_gemm", PermuteGemmHandler);
 JAX_MOE_REGISTER_TARGET("jax_moe_act_quant_gemm", ActQuantGemmHandler);
+
+// The decode chain (OwnDecodeChainKernel): permute, then GEMM1 + activation + re-quantization
+// and GEMM2 in one persistent kernel launched as the permute's programmatic dependent. The
+// permute kernel zeroes the chain's tile counter and group counters.
+namespace {
+
+template <int BM>
+cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter, const void* rows,
+                        const float* row_scales, const void* w1, const float* w1_scale, const void* w2,
+                        const float* w2_scale, const int32_t* offsets, void* act, float* act_scales, void* d,
+                        int activation, int* workspace, const char** what) {
+  CUtensorMap map_a1, map_b1, map_a2, map_b2;
+  if (!EncodeMap(&map_a1, rows, m, hidden, 1, BM) || !EncodeMap(&map_b1, w1, uint64_t(g) * 2 * inter, hidden, 1, 64) ||
+      !EncodeMap(&map_a2, act, m, inter, 1, BM) || !EncodeMap(&map_b2, w2, uint64_t(g) * hidden, inter, 1, 64)) {
+    *what = "cuTensorMapEncodeTiled failed";
+    return cudaErrorInvalidValue;
+  }
+  using S = Smem<BM, 256, 0>;
+  const size_t smem = sizeof(S) + 1024;
+  static_assert(sizeof(S) + 1024 <= kSmemLimit, "shared memory");
+  auto kernel = OwnDecodeChainKernel<BM>;
+  *what = "cudaFuncSetAttribute";
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  *what = "kernel launch";
+  return LaunchKernel(kernel, NumSms(), kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
+                      row_scales, w1_scale, w2_scale, offsets, g, m, hidden, inter, static_cast<uint8_t*>(act),
+                      act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows());
+}
+
+ffi::Error PermuteGemmChainImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
+                                ffi::Buffer<ffi::S32> slot_to_row, ffi::Buffer<ffi::S32> row_to_slot,
+                                ffi::Buffer<ffi::S32> offsets, ffi::AnyBuffer w1, ffi::Buffer<ffi::F32> w1_scale,
+                                ffi::AnyBuffer w2, ffi::Buffer<ffi::F32> w2_scale, ffi::Result<ffi::AnyBuffer> d,
+                                ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::F32>> row_scales,
+                                ffi::Result<ffi::AnyBuffer> act, ffi::Result<ffi::Buffer<ffi::F32>> act_scales,
+                                ffi::Result<ffi::Buffer<ffi::S32>> workspace, int32_t top_k, int32_t activation,
+                                int32_t block_m) {
+  const char* op = "jax_moe_permute_gemm_chain";
+  const std::string o(op);
+  if (!IsGatedActivation(activation))
+    return InvalidArgument(o + ": activation: expected Swiglu (3) or Geglu (4), got " + std::to_string(activation));
+  if (block_m != 64 && block_m != 32 && block_m != 16 && block_m != 8)
+    return InvalidArgument(o + ": block_m: expected 64, 32, 16 or 8, got " + std::to_string(block_m));
+  // GEMM1: permuted rows (a) x gemm1_weights (b) [G, 2I, H]; GEMM2: activations x gemm2_weights [G, H, I]
+  GemmShape sh1, sh2;
+  JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands("jax_moe_permute_gemm_chain (GEMM1)", *rows, *row_scales, w1, w1_scale,
+                                            offsets, &sh1));
+  if (sh1.n % 256 != 0)
+    return InvalidArgument(o + ": gemm1_weights: N (dimension 1) must be 2*I with I a multiple of 128, got " +
+                           std::to_string(sh1.n));
+  if (w2.dimensions().size() != 3 || Dim(w2, 0) != sh1.g || Dim(w2, 1) != sh1.k || Dim(w2, 2) != sh1.n / 2)
+    return InvalidArgument(o + ": gemm2_weights: expected shape [G, H, I] = [" + std::to_string(sh1.g) + ", " +
+                           std::to_string(sh1.k) + ", " + std::to_string(sh1.n / 2) + "]");
+  JAX_MOE_RETURN_IF_ERROR(CheckGemmOperands("jax_moe_permute_gemm_chain (GEMM2)", *act, *act_scales, w2, w2_scale,
+                                            offsets, &sh2));
+  if (d->element_type() != ffi::DataType::BF16) return InvalidArgument(o + ": d: output dtype must be bfloat16");
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*d, (o + ": d").c_str(), {sh1.m, sh1.k}));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckShape(*workspace, (o + ": workspace").c_str(), {kChainCountersAt + sh1.g}));
+  JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(
+      op, sh1.g, {rows->untyped_data(), w1.untyped_data(), act->untyped_data(), w2.untyped_data(), d->untyped_data()}));
+  JAX_MOE_RETURN_IF_ERROR(PermuteStage(stream, hidden, hidden_scale, slot_to_row, row_to_slot, offsets, *rows,
+                                       *row_scales, top_k,
+                                       ZeroInts{workspace->typed_data(), int(kChainCountersAt + sh1.g)}));
+  if (sh1.m == 0) return ffi::Error::Success();  // else the permute's kernel ran (M, H > 0)
+  decltype(&LaunchChain<8>) launch = block_m == 8 ? LaunchChain<8>
+                                     : block_m == 16 ? LaunchChain<16>
+                                     : block_m == 32 ? LaunchChain<32>
+                                                     : LaunchChain<64>;
+  const char* what = "";
+  cudaError_t err = launch(stream, int(sh1.g), int(sh1.m), int(sh1.k), int(sh2.k), rows->untyped_data(),
+                           row_scales->typed_data(), w1.untyped_data(), w1_scale.typed_data(), w2.untyped_data(),
+                           w2_scale.typed_data(), offsets.typed_data(), act->untyped_data(), act_scales->typed_data(),
+                           d->untyped_data(), activation, workspace->typed_data(), &what);
+  if (err != cudaSuccess) return CudaError(err, op, what);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(PermuteGemmChainHandler, PermuteGemmChainImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()          // hidden_states fp8 [T, H]
+                           .Arg<ffi::Buffer<ffi::F32>>()   // hidden_states_scale [H/128, T]
+                           .Arg<ffi::Buffer<ffi::S32>>()   // slot_to_row [T*k]
+                           .Arg<ffi::Buffer<ffi::S32>>()   // row_to_slot [T*k]
+                           .Arg<ffi::Buffer<ffi::S32>>()   // expert_offsets [G + 1]
+                           .Arg<ffi::AnyBuffer>()          // gemm1_weights fp8 [G, 2I, H]
+                           .Arg<ffi::Buffer<ffi::F32>>()   // their scales [G, 2I/128, H/128]
+                           .Arg<ffi::AnyBuffer>()          // gemm2_weights fp8 [G, H, I]
+                           .Arg<ffi::Buffer<ffi::F32>>()   // their scales [G, H/128, I/128]
+                           .Ret<ffi::AnyBuffer>()          // d: bf16 [T*k, H], GEMM2's rows
+                           .Ret<ffi::AnyBuffer>()          // permuted rows fp8 [T*k, H] (workspace)
+                           .Ret<ffi::Buffer<ffi::F32>>()   // their scales [T*k*H/128] (workspace)
+                           .Ret<ffi::AnyBuffer>()          // activations fp8 [T*k, I] (workspace)
+                           .Ret<ffi::Buffer<ffi::F32>>()   // their scales [T*k*I/128] (workspace)
+                           .Ret<ffi::Buffer<ffi::S32>>()   // [4 + G]: tile counter, group counters
+                           .Attr<int32_t>("top_k")
+                           .Attr<int32_t>("activation")
+                           .Attr<int32_t>("block_m"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_permute_gemm_chain", PermuteGemmChainHandler);
 
 }  // namespace jax_moe

@@ -239,8 +239,8 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
                         const int32_t* __restrict__ slot_to_row, const int32_t* __restrict__ offsets,
                         int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
                         uint8_t* __restrict__ rows, float* __restrict__ row_scales,
-                        int32_t* __restrict__ zero_counter) {
-  StageKernelBegin(zero_counter);
+                        ZeroInts zero) {
+  StageKernelBegin(zero);
   extern __shared__ int smem[];
   int* offs = smem;                            // [E + 1]
   int* slot_row = smem + num_experts + 1;      // [k]: the row of each slot of the token, -1: not local
@@ -316,9 +316,9 @@ constexpr size_t kScaleMaxSmem = 160 * 1024;  // T up to ~40K tokens staged; bey
 __global__ void __launch_bounds__(kScaleThreads)
     PermuteScalesKernel(const float* __restrict__ hidden_scale, const int32_t* __restrict__ row_to_slot,
                         const int32_t* __restrict__ offsets, int num_experts, int num_tokens, int top_k,
-                        int kb_count, float* __restrict__ row_scales, int32_t* __restrict__ zero_counter) {
+                        int kb_count, float* __restrict__ row_scales, ZeroInts zero) {
   // 32-bit indices: the caller checks T * k * kb_count < 2^31
-  StageKernelBegin(zero_counter);
+  StageKernelBegin(zero);
   extern __shared__ float staged[];                          // [T]
   int* offs = reinterpret_cast<int*>(staged + num_tokens);   // [E + 1]
   const int kb = static_cast<int>(blockIdx.x % kb_count);
@@ -374,7 +374,7 @@ size_t PermuteScalesSmem(int64_t num_tokens, int num_experts) {
 // and tools/permute_probe.cu): ~4 blocks per SM, at least 2048 rows per slice.
 cudaError_t LaunchPermuteScales(cudaStream_t stream, const float* hidden_scale, const int32_t* row_to_slot,
                                 const int32_t* offsets, int num_experts, int num_tokens, int top_k, int kb_count,
-                                float* row_scales, int32_t* zero_counter) {
+                                float* row_scales, ZeroInts zero) {
   cudaError_t err = cudaFuncSetAttribute(PermuteScalesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kScaleMaxSmem));
   if (err != cudaSuccess) return err;
@@ -383,7 +383,7 @@ cudaError_t LaunchPermuteScales(cudaStream_t stream, const float* hidden_scale, 
       std::max<int64_t>(1, std::min<int64_t>(CeilDiv(4 * NumSms(), kb_count), CeilDiv(num_rows, 2048)));
   return LaunchKernel(PermuteScalesKernel, dim3(static_cast<unsigned>(kb_count * slices)), dim3(kScaleThreads),
                       PermuteScalesSmem(num_tokens, num_experts), stream, /*pdl=*/true, hidden_scale, row_to_slot,
-                      offsets, num_experts, num_tokens, top_k, kb_count, row_scales, zero_counter);
+                      offsets, num_experts, num_tokens, top_k, kb_count, row_scales, zero);
 }
 
 // permute by rows (below kPermuteTokenMajorSlots slots): one block per row (grid-stride over
@@ -397,8 +397,8 @@ __global__ void __launch_bounds__(kPermuteThreads, kPermuteBlocksPerSm)
                       const int32_t* __restrict__ row_to_slot, const int32_t* __restrict__ offsets,
                       int num_experts, int64_t num_tokens, int top_k, int64_t hidden_size,
                       uint8_t* __restrict__ rows, float* __restrict__ row_scales,
-                      int32_t* __restrict__ zero_counter) {
-  StageKernelBegin(zero_counter);
+                      ZeroInts zero) {
+  StageKernelBegin(zero);
   extern __shared__ int offs[];  // [E + 1]
   const int64_t num_rows = num_tokens * top_k;
   const int64_t valid_rows = LoadGroupOffsets(offsets, num_experts, offs, num_rows);
@@ -508,7 +508,7 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
 ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
                         const ffi::Buffer<ffi::S32>& slot_to_row, const ffi::Buffer<ffi::S32>& row_to_slot,
                         const ffi::Buffer<ffi::S32>& offsets, ffi::AnyBuffer& rows,
-                        ffi::Buffer<ffi::F32>& row_scales, int32_t top_k, int32_t* zero_counter) {
+                        ffi::Buffer<ffi::F32>& row_scales, int32_t top_k, ZeroInts zero) {
   if (!IsFp8E4M3(hidden)) {
     return InvalidArgument("jax_moe_permute: hidden_states: expected dtype float8_e4m3fn, got dtype code " +
                            std::to_string(static_cast<int>(hidden.element_type())));
@@ -546,7 +546,7 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
     const unsigned grid = GridStrideBlocks(m, 1, kPermuteBlocksPerSm);  // a block per row
     PermuteRowsKernel<<<grid, kPermuteThreads, (e + 1) * sizeof(int), stream>>>(
         hidden_bytes, hidden_scale.typed_data(), row_to_slot.typed_data(), offsets.typed_data(), e, t, top_k, h,
-        row_bytes, row_scales.typed_data(), zero_counter);
+        row_bytes, row_scales.typed_data(), zero);
   } else {
     const unsigned grid = GridStrideBlocks(t, 1, kPermuteBlocksPerSm);  // a block per token
     const size_t smem = (e + 1 + 2 * static_cast<size_t>(top_k)) * sizeof(int);
@@ -554,15 +554,15 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
     if (PermuteScalesSmem(t, e) > kScaleMaxSmem || m * (h / 128) > 0x7fffffffLL) {  // the token kernel writes the scales too
       PermuteTokensKernel<true><<<grid, kPermuteThreads, smem, stream>>>(
           hidden_bytes, hidden_scale.typed_data(), slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h,
-          row_bytes, row_scales.typed_data(), zero_counter);
+          row_bytes, row_scales.typed_data(), zero);
     } else {  // the data, then the scales as its PDL dependent (the last kernel: it zeroes the counter)
       PermuteTokensKernel<false><<<grid, kPermuteThreads, smem, stream>>>(  // no scale pointers: it reads none
           hidden_bytes, nullptr, slot_to_row.typed_data(), offsets.typed_data(), e, t, top_k, h, row_bytes, nullptr,
-          nullptr);
+          ZeroInts{});
       JAX_MOE_CHECK_LAUNCH("jax_moe_permute token kernel launch");
       cudaError_t err = LaunchPermuteScales(stream, hidden_scale.typed_data(), row_to_slot.typed_data(),
                                             offsets.typed_data(), e, static_cast<int>(t), top_k,
-                                            static_cast<int>(h / 128), row_scales.typed_data(), zero_counter);
+                                            static_cast<int>(h / 128), row_scales.typed_data(), zero);
       if (err != cudaSuccess) return CudaError(err, "jax_moe_permute scale kernel launch");
     }
   }

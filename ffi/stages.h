@@ -3,9 +3,9 @@
 // own GEMM in a single call (blockwise_gemm_sm90.cu: "jax_moe_permute_gemm",
 // "jax_moe_act_quant_gemm"). Their kernels begin with StageKernelBegin (below): it triggers the
 // grid dependency, so a GEMM launched after them with PDL starts loading its weights while they
-// run, and sets `zero_counter` (nullptr: none) to 0: the GEMM's tile counter, which the GEMM
-// reads only after its grid-dependency wait, so the pair needs no memset of its own. The kernel
-// runs whenever the GEMM does (both need M > 0 and K > 0).
+// run, and sets `zero` (none by default) to 0: the GEMM's tile counter (and the decode chain's
+// group counters), which the GEMM reads only after its grid-dependency wait, so the pair needs no
+// memset of its own. The kernel runs whenever the GEMM does (both need M > 0 and K > 0).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,26 +14,33 @@
 
 namespace jax_moe {
 
+// Ints a stage kernel sets to 0 before anything else (StageKernelBegin): count ints at ptr.
+struct ZeroInts {
+  int32_t* ptr = nullptr;
+  int count = 0;
+};
+
 // jax_moe_permute: hidden fp8 [T, H], hidden_scale f32 [H/128, T], slot_to_row and row_to_slot
 // int32 [T*k] (the plan's), offsets int32 [E + 1] -> rows fp8 [T*k, H], row_scales f32
 // [T*k*H/128] (grouped MN-major).
 ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
                         const ffi::Buffer<ffi::S32>& slot_to_row, const ffi::Buffer<ffi::S32>& row_to_slot,
                         const ffi::Buffer<ffi::S32>& offsets, ffi::AnyBuffer& rows,
-                        ffi::Buffer<ffi::F32>& row_scales, int32_t top_k, int32_t* zero_counter = nullptr);
+                        ffi::Buffer<ffi::F32>& row_scales, int32_t top_k, ZeroInts zero = {});
 
 // jax_moe_act_quant: g f32|bf16 [M, 2I] (gated) or [M, I], offsets int32 [G + 1] -> q fp8 [M, I],
 // scales f32 [M*I/128] (grouped MN-major).
 ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi::Buffer<ffi::S32>& offsets,
                          ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scales, int32_t activation,
-                         int32_t* zero_counter = nullptr);
+                         ZeroInts zero = {});
 
 #ifdef __CUDACC__
 // First thing a stage kernel does: let its PDL dependent (the pair's GEMM) start, and zero that
-// GEMM's tile counter (`zero_counter`, nullptr outside a pair).
-__device__ __forceinline__ void StageKernelBegin(int32_t* zero_counter) {
+// GEMM's counters (`zero`, none outside a pair) with block 0's threads.
+__device__ __forceinline__ void StageKernelBegin(ZeroInts zero) {
   GridDependencyTrigger();
-  if (zero_counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_counter = 0;
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i < zero.count; i += blockDim.x) zero.ptr[i] = 0;
 }
 #endif
 

@@ -338,6 +338,51 @@ def act_quant_gemm(g, p: Plan, activation_type, weights, weight_scales, out_dtyp
         weights, weight_scales, activation=_i32(activation_type), block_m=_i32(block_m))
 
 
+# The decode chain: permute, then GEMM1 + activation + re-quantization and GEMM2 in one persistent
+# kernel (ffi/blockwise_gemm_sm90.cu, OwnDecodeChainKernel): GEMM2's tiles wait per expert for
+# GEMM1's, so its weights stream while GEMM1's last tiles finish.
+CHAIN_ENV = "JAX_MOE_DECODE_CHAIN"  # "auto" or "off": the two stage pairs instead
+CHAIN_DEFAULT = "off"  # not yet measured on a GPU (benchmarks/RESULTS.md, twenty-ninth session)
+CHAIN_BLOCK_M = (64, 32, 16, 8)
+
+
+def permute_gemm_chain_raw(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weights,
+                           gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
+                           activation_type, block_m=8):
+    """`jax_moe_permute_gemm_chain`: `permute`, GEMM1 with the gated activation (Swiglu, Geglu)
+    and FP8 re-quantization in its epilogue, GEMM2 (bf16 out), all own-kernel tiles of `block_m`
+    rows (64, 32, 16, 8) -> (d bf16 [T*k, H], activations fp8 [T*k, I], their scales f32
+    [T*k*I/128] grouped MN-major). d equals act_quant_gemm(permute_gemm(...)) up to the fused
+    epilogue's rare one-code differences in the activations (as `gemm1_act_quant_raw`'s); given
+    the activations it returns, d is grouped_gemm_raw(act, act_scales, gemm2_weights, ...,
+    tile=f"own{block_m}") bit for bit."""
+    if block_m not in CHAIN_BLOCK_M:
+        raise ValueError(f"block_m: expected one of {CHAIN_BLOCK_M}, got {block_m!r}")
+    t, h = hidden_states.shape
+    g, n1, _ = gemm1_weights.shape
+    m, i = t * top_k, n1 // 2
+    d, _, _, act, act_scales, _ = _ffi_call(
+        "jax_moe_permute_gemm_chain",
+        (jax.ShapeDtypeStruct((m, h), jnp.bfloat16), jax.ShapeDtypeStruct((m, h), FP8),
+         jax.ShapeDtypeStruct((m * h // BLOCK,), jnp.float32), jax.ShapeDtypeStruct((m, i), FP8),
+         jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32),
+         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS + g,), jnp.int32)),
+    )(hidden_states, hidden_states_scale, p.slot_to_row, p.row_to_slot, p.expert_offsets,
+      gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
+      top_k=_i32(top_k), activation=_i32(activation_type), block_m=_i32(block_m))
+    return d, act, act_scales
+
+
+def decode_chain_for(block_m, activation_type):
+    """Whether the decode pairs' GEMMs (own-kernel tiles of `block_m` rows) run as the decode
+    chain: gated activations and up to 64-row tiles, if $JAX_MOE_DECODE_CHAIN (read at trace
+    time, default CHAIN_DEFAULT) is "auto"."""
+    mode = os.environ.get(CHAIN_ENV, CHAIN_DEFAULT)
+    if mode not in ("auto", "off"):
+        raise ValueError(f"${CHAIN_ENV}: expected 'auto' or 'off', got {mode!r}")
+    return mode == "auto" and block_m in CHAIN_BLOCK_M and is_gated(activation_type)
+
+
 _OWN_BLOCK_M = {GEMM_TILES[f"own{m}"]: m for m in (128, 64, 32, 16, 8)}
 TRIM_ENV = "JAX_MOE_TRIM"  # "auto" (default) or "off": the decode pairs keep own64's 64-row tiles
 
@@ -360,8 +405,9 @@ def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weigh
     """The pipeline's steps 1-4: permute, GEMM1 + act_quant, GEMM2 -> bf16 [T*k, H]. Where both
     GEMMs run the own kernel and GEMM1 runs split (decode: up to 16 rows per expert), as the two
     pairs permute + GEMM1 and act_quant + GEMM2 (unless $JAX_MOE_STAGE_PAIRS=off), with own64's
-    tile trimmed to the batch (`trimmed_block_m_for`) unless a tile is forced; otherwise as the
-    separate stages."""
+    tile trimmed to the batch (`trimmed_block_m_for`) unless a tile is forced -- for a gated
+    activation as the decode chain, one call (`decode_chain_for`); otherwise as the separate
+    stages."""
     g = gemm1_weights.shape[0]
     rows_per_group = (rows_per_group if rows_per_group is not None
                       else hidden_states.shape[0] * top_k / max(g, 1))
@@ -373,6 +419,10 @@ def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weigh
     if block_m == 64 and tile == "auto":
         block_m = trimmed_block_m_for(hidden_states.shape[0])
     if pairs == "auto" and block_m and not _gemm1_fused_block_m(rows_per_group, g):
+        if decode_chain_for(block_m, activation_type):
+            return permute_gemm_chain_raw(hidden_states, hidden_states_scale, p, top_k,
+                                          gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                                          gemm2_weights_scale, activation_type, block_m)[0]
         h = permute_gemm(hidden_states, hidden_states_scale, p, top_k, gemm1_weights,
                          gemm1_weights_scale, reference.G_DTYPE, block_m)
         return act_quant_gemm(h, p, activation_type, gemm2_weights, gemm2_weights_scale,

@@ -176,13 +176,14 @@ def test_deepseek_v3_expert_slice(deepseek_weights):
     check_close(cu, xl, "DeepSeek-V3 slice")
 
 
-@pytest.mark.parametrize("gemm1", ["split", "fused", "pairs"])
+@pytest.mark.parametrize("gemm1", ["split", "fused", "pairs", "chain"])
 def test_no_dense_expert_math_on_gpu(monkeypatch, gemm1):
     """The CUDA path runs every expert stage as our custom calls: no XLA dot in the HLO. At 8
-    rows per expert "auto" runs GEMM1 split, as the stage pairs permute + GEMM1 and act_quant +
-    GEMM2 unless they are turned off."""
+    rows per expert "auto" runs GEMM1 split, as the decode chain (a gated activation) or the
+    stage pairs permute + GEMM1 and act_quant + GEMM2 unless they are turned off."""
     monkeypatch.setenv(jax_moe.ops.GEMM1_ENV, "fused" if gemm1 == "fused" else "split")
-    monkeypatch.setenv(jax_moe.ops.PAIRS_ENV, "auto" if gemm1 == "pairs" else "off")
+    monkeypatch.setenv(jax_moe.ops.PAIRS_ENV, "auto" if gemm1 in ("pairs", "chain") else "off")
+    monkeypatch.setenv(jax_moe.ops.CHAIN_ENV, "auto" if gemm1 == "chain" else "off")
     jax.clear_caches()  # the variables are read when the op is traced
     args = inputs(9, 64, 256, 128, 32)
     kw = dict(top_k=4, routing_method_type=R.Renormalize)
@@ -192,6 +193,7 @@ def test_no_dense_expert_math_on_gpu(monkeypatch, gemm1):
         "split": ["permute", "grouped_gemm", "act_quant"],
         "fused": ["permute", "gemm1_act_quant", "grouped_gemm"],
         "pairs": ["permute_gemm", "act_quant_gemm"],
+        "chain": ["permute_gemm_chain"],
     }[gemm1]
     called = {t.split('"')[0] for t in hlo.split('custom_call_target="jax_moe_')[1:]}
     assert called == {"route", "plan", "finalize", *targets}, called
@@ -202,6 +204,7 @@ CMD_BUFFER_SCRIPT = textwrap.dedent("""
     import sys, os
     os.environ["JAX_MOE_GEMM1"] = sys.argv[1]
     os.environ["JAX_MOE_STAGE_PAIRS"] = sys.argv[2]
+    os.environ["JAX_MOE_DECODE_CHAIN"] = sys.argv[3]
     import jax, jax.numpy as jnp, numpy as np, jax_moe
     from jax_moe.testing import random_moe_inputs
     kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
@@ -221,27 +224,28 @@ CMD_BUFFER_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("gemm1", ["split", "fused", "pairs"])
+@pytest.mark.parametrize("gemm1", ["split", "fused", "pairs", "chain"])
 def test_cuda_graph_capture_and_replay(gemm1):
     """With command buffers on for custom calls, XLA records the whole pipeline (our seven
     custom calls, six with GEMM1 and act_quant fused, five as stage pairs, whose GEMMs are
-    programmatic dependents of the stage kernels) into one CUDA graph and replays it with
-    correct results for new inputs. XLA's command-buffer conversion pass logs which thunks each
-    command buffer holds."""
+    programmatic dependents of the stage kernels, four with the decode chain) into one CUDA
+    graph and replays it with correct results for new inputs. XLA's command-buffer conversion
+    pass logs which thunks each command buffer holds."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL"
                         " --xla_gpu_graph_min_graph_size=1")
     env["TF_CPP_MIN_LOG_LEVEL"] = "0"
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process may hold most of the GPU
     env["TF_CPP_VMODULE"] = "command_buffer_conversion_pass=2,command_buffer_thunk=2"
-    args = {"split": ["split", "off"], "fused": ["fused", "off"], "pairs": ["split", "auto"]}[gemm1]
+    args = {"split": ["split", "off", "off"], "fused": ["fused", "off", "off"], "pairs": ["split", "auto", "off"],
+            "chain": ["split", "auto", "auto"]}[gemm1]
     r = subprocess.run([sys.executable, "-c", CMD_BUFFER_SCRIPT, *args], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     graphs = [l.split("thunks:", 1)[1] for l in r.stderr.splitlines()
               if "Creating command buffer thunk with the following thunks:" in l]
     captured = max((g.count("ffi_call") for g in graphs), default=0)
-    calls = {"split": 7, "fused": 6, "pairs": 5}[gemm1]
+    calls = {"split": 7, "fused": 6, "pairs": 5, "chain": 4}[gemm1]
     assert captured >= calls, f"no command buffer holds the {calls} jax_moe custom calls:\n" + "\n".join(graphs)
     assert "Executing warm up iteration of command buffer thunk" in r.stderr
     rel_line = [l for l in r.stdout.splitlines() if l.startswith("REPLAY_REL")]
@@ -282,8 +286,10 @@ def test_gemm1_fused_and_split_in_the_pipeline(monkeypatch, act, gemm1):
 def test_stage_pairs_equal_separate_stages(monkeypatch, t, e, e_loc, offset, k):
     """The op with the stage pairs (permute + GEMM1, act_quant + GEMM2 in one call each, the
     GEMMs launched with PDL) gives the same bits as with separate stage calls: the same kernels
-    run, only their launch overlaps. At 300 x 4 / 24 = 50 rows per expert GEMM1 is forced split."""
+    run, only their launch overlaps. At 300 x 4 / 24 = 50 rows per expert GEMM1 is forced split.
+    The decode chain (tested below) is off."""
     monkeypatch.setenv(jax_moe.ops.GEMM1_ENV, "split")
+    monkeypatch.setenv(jax_moe.ops.CHAIN_ENV, "off")
     args = inputs(60 + t, t, 512, 256, e, e_loc=e_loc)
     kw = dict(top_k=k, routing_method_type=R.Renormalize, local_expert_offset=offset)
     out = {}
@@ -348,3 +354,81 @@ def test_act_quant_gemm_equals_act_quant_then_gemm(block_m, act, t, k, e_loc):
     got, want = np.asarray(d[:m]), np.asarray(ref[:m])
     assert np.all(np.isfinite(want.astype(np.float32))) and np.any(want != 0)
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("block_m", [8, 16, 32, 64])
+@pytest.mark.parametrize("act", [A.Swiglu, A.Geglu], ids=lambda a: a.name)
+@pytest.mark.parametrize("t, k, e_loc", [(1, 8, 256), (33, 4, 8), (200, 6, 32)])
+def test_decode_chain_equals_pairs(block_m, act, t, k, e_loc):
+    """jax_moe_permute_gemm_chain (GEMM1 + activation + re-quantization and GEMM2 in one kernel,
+    GEMM2's tiles waiting per expert for GEMM1's): its activations are act_quant of the pair
+    permute + GEMM1's bfloat16 output -- codes at most one apart, on under 1e-3 of them, scales
+    to 1e-6, the fused GEMM1's bound (test_gpu_gemm1_act) -- and its output is the own grouped
+    GEMM of those activations bit for bit. Groups with more rows than the tile (t=33, 200),
+    empty experts, non-local slots; H = 384, a partial last 256-column block of GEMM2."""
+    from jax_moe import ops
+    from test_gpu_stages import _scale_index, _ulp_diff
+    h, i = 384, 256
+    p, hq, hs, w1, w1s = _pair_operands(3 * t + k, t, k, e_loc, h, 2 * i)
+    _, _, _, w2, w2s = _pair_operands(3 * t + k + 1, t, k, e_loc, i, h)
+    chain = jax.jit(ops.permute_gemm_chain_raw, static_argnums=(3, 8, 9))
+    d, q, qs = chain(hq, hs, p, k, w1, w1s, w2, w2s, act, block_m)
+    m = int(p.expert_offsets[-1])
+    assert m > 0
+    offsets = np.asarray(p.expert_offsets)
+    g = ops.permute_gemm(hq, hs, p, k, w1, w1s, jnp.bfloat16, block_m)
+    q_ref, qs_ref = ops.act_quant(g, p, act)
+    diff = _ulp_diff(np.asarray(q)[:m], np.asarray(q_ref)[:m])
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, "chain and pair activations disagree"
+    idx = _scale_index(offsets, i // 128)
+    np.testing.assert_allclose(np.asarray(qs)[idx], np.asarray(qs_ref)[idx], rtol=1e-6, atol=0)
+    ref = ops.grouped_gemm_raw(q, qs, w2, w2s, p.expert_offsets, jnp.bfloat16, tile=f"own{block_m}")
+    got, want = np.asarray(d[:m]), np.asarray(ref[:m])
+    assert np.all(np.isfinite(want.astype(np.float32))) and np.any(want != 0)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    # and the pairs' whole result, through their own activations
+    d_pairs = ops.act_quant_gemm(g, p, act, w2, w2s, jnp.bfloat16, block_m)
+    assert rel(d[:m], d_pairs[:m]) <= 1e-3
+
+
+@pytest.mark.parametrize("t, e, e_loc, offset", [(1, 256, 256, 0), (16, 256, 256, 0), (64, 256, 32, 64)])
+def test_decode_chain_in_the_op(monkeypatch, t, e, e_loc, offset):
+    """The op with the decode chain against the pure-JAX path and against the op with the stage
+    pairs, DeepSeek-V3 routing (groups of 32 experts), repeated calls (the chain's counters are
+    zeroed by its permute each call)."""
+    monkeypatch.delenv(jax_moe.ops.GEMM1_ENV, raising=False)
+    monkeypatch.delenv(jax_moe.ops.TILE_ENV, raising=False)
+    kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5, local_expert_offset=offset)
+    out = {}
+    for chain in ("off", "auto"):
+        monkeypatch.setenv(jax_moe.ops.CHAIN_ENV, chain)
+        jax.clear_caches()
+        f = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))
+        for seed in range(3):
+            args = inputs(80 + t + seed, t, 512, 256, e, e_loc=e_loc)
+            out[chain, seed] = f(*args)
+    for seed in range(3):
+        args = inputs(80 + t + seed, t, 512, 256, e, e_loc=e_loc)
+        xl = _fn(False, "xla", **kw)(*args)
+        check_close(out["auto", seed], xl, f"T={t} seed {seed}")
+        assert rel(out["auto", seed], out["off", seed]) <= 2e-3
+
+
+def test_decode_chain_errors(monkeypatch):
+    """The chain's handler names the bad argument: a plain activation, a row tile it has no
+    kernel for (the Python check bypassed), GEMM2 weights of the wrong shape."""
+    from jax_moe import ops
+    p, hq, hs, w1, w1s = _pair_operands(5, 2, 4, 8, 256, 256)
+    _, _, _, w2, w2s = _pair_operands(6, 2, 4, 8, 128, 256)
+    call = functools.partial(ops.permute_gemm_chain_raw, hq, hs, p, 4, w1, w1s)
+    with pytest.raises(ValueError, match="block_m: expected one of"):
+        call(w2, w2s, A.Swiglu, 128)
+    with pytest.raises(Exception, match="activation: expected Swiglu"):
+        jax.block_until_ready(call(w2, w2s, A.Relu2, 8))
+    monkeypatch.setattr(ops, "CHAIN_BLOCK_M", (128, 8))
+    with pytest.raises(Exception, match="block_m: expected 64, 32, 16 or 8, got 128"):
+        jax.block_until_ready(call(w2, w2s, A.Swiglu, 128))
+    with pytest.raises(Exception, match="gemm2_weights: expected shape"):
+        jax.block_until_ready(call(w2[:, :128], w2s[:, :1], A.Swiglu, 8))
+    d, _, _ = call(w2, w2s, A.Swiglu, 8)  # the same operands, well formed: runs
+    assert np.all(np.isfinite(np.asarray(d, np.float32)))

@@ -63,11 +63,12 @@ def test_grouped_gemm_tile_reaches_the_custom_call(monkeypatch):
     assert attr() == ["3"]
 
 
-def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
+def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc, act=jax_moe.ActivationType.Swiglu):
     """GEMM1's and GEMM2's configs in the lowered CUDA pipeline: a tile name, "fused<block_m>"
-    for GEMM1 with act_quant in its epilogue (jax_moe_gemm1_act_quant), or "pair<block_m>" for an
+    for GEMM1 with act_quant in its epilogue (jax_moe_gemm1_act_quant), "pair<block_m>" for an
     own-kernel GEMM in one call with the stage before it (jax_moe_permute_gemm,
-    jax_moe_act_quant_gemm)."""
+    jax_moe_act_quant_gemm), or a single "chain<block_m>" for both GEMMs in the decode chain
+    (jax_moe_permute_gemm_chain)."""
     monkeypatch.setattr(_native, "register_targets", lambda: None)
     h, i, k = 256, 128, 8
     rng = np.random.default_rng(0)
@@ -78,12 +79,16 @@ def _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc):
     w1, w1s = jnp.zeros((e_loc, 2 * i, h), FP8), jnp.ones((e_loc, 2 * i // 128, h // 128), jnp.float32)
     w2, w2s = jnp.zeros((e_loc, h, i), FP8), jnp.ones((e_loc, h // 128, i // 128), jnp.float32)
     fn = functools.partial(api.run_experts, ops, num_experts=e, local_expert_offset=0,
-                           activation_type=jax_moe.ActivationType.Swiglu, do_finalize=True)
+                           activation_type=act, do_finalize=True)
+    if act not in (jax_moe.ActivationType.Swiglu, jax_moe.ActivationType.Geglu):
+        w1, w1s = w1[:, :i], w1s[:, :i // 128]
     text = jax.jit(fn).lower(ids, w, x, xs, w1, w1s, w2, w2s).as_text()
     names = {v: name for name, v in ops.GEMM_TILES.items()}
     gemms = []
     for line in text.splitlines():
-        if "@jax_moe_gemm1_act_quant" in line:
+        if "@jax_moe_permute_gemm_chain" in line:
+            gemms.append("chain" + line.split("block_m = ")[1].split(" ")[0])
+        elif "@jax_moe_gemm1_act_quant" in line:
             gemms.append("fused" + line.split("block_m = ")[1].split(" ")[0])
         elif "@jax_moe_permute_gemm" in line or "@jax_moe_act_quant_gemm" in line:
             gemms.append("pair" + line.split("block_m = ")[1].split(" ")[0])
@@ -108,12 +113,42 @@ def test_pipeline_tile_follows_expected_rows_per_expert(monkeypatch, t, e, e_loc
     rows) sets GEMM2's tile (jax_moe.ops.gemm_tile_for) and whether GEMM1 runs fused with
     act_quant (jax_moe.ops.gemm1_fused_for; its row tile by gemm1_fused_block_m_for) or split
     with the same tile as GEMM2 -- with the own
-    kernel as the stage pairs permute + GEMM1, act_quant + GEMM2."""
+    kernel as the stage pairs permute + GEMM1, act_quant + GEMM2 -- or, with
+    $JAX_MOE_DECODE_CHAIN=auto, as the decode chain (both GEMMs in one kernel)."""
     monkeypatch.delenv(ops.TILE_ENV, raising=False)
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
     monkeypatch.delenv(ops.PAIRS_ENV, raising=False)
     monkeypatch.delenv(ops.TRIM_ENV, raising=False)
+    monkeypatch.setenv(ops.CHAIN_ENV, "off")
     assert _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc) == [gemm1, gemm2]
+    monkeypatch.setenv(ops.CHAIN_ENV, "auto")
+    chain = [gemm1.replace("pair", "chain")] if gemm1.startswith("pair") else [gemm1, gemm2]
+    assert _gemm_tiles_of_the_op(monkeypatch, t, e, e_loc) == chain
+
+
+def test_decode_chain_env_and_activation(monkeypatch):
+    """With $JAX_MOE_DECODE_CHAIN=auto the decode chain replaces the two stage pairs for gated
+    activations; a plain activation (Relu2) or "off" keeps the pairs; a forced own128 tile (no
+    chain tile) too; the default is ops.CHAIN_DEFAULT; anything else in the variable is an error
+    naming it."""
+    for var in (ops.TILE_ENV, ops.GEMM1_ENV, ops.PAIRS_ENV, ops.TRIM_ENV, ops.CHAIN_ENV):
+        monkeypatch.delenv(var, raising=False)
+    default = ["chain8"] if ops.CHAIN_DEFAULT == "auto" else ["pair8", "pair8"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == default
+    monkeypatch.setenv(ops.CHAIN_ENV, "auto")
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256, jax_moe.ActivationType.Geglu) == ["chain8"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256, jax_moe.ActivationType.Relu2) == ["pair8", "pair8"]
+    monkeypatch.setenv(ops.CHAIN_ENV, "off")
+    assert _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256) == ["pair16", "pair16"]
+    monkeypatch.setenv(ops.CHAIN_ENV, "auto")
+    monkeypatch.setenv(ops.GEMM1_ENV, "split")
+    monkeypatch.setenv(ops.TILE_ENV, "own128")
+    assert _gemm_tiles_of_the_op(monkeypatch, 16, 256, 256) == ["pair128", "pair128"]
+    monkeypatch.delenv(ops.TILE_ENV)
+    monkeypatch.delenv(ops.GEMM1_ENV)
+    monkeypatch.setenv(ops.CHAIN_ENV, "on")
+    with pytest.raises(ValueError, match="JAX_MOE_DECODE_CHAIN.*got 'on'"):
+        _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256)
 
 
 def test_trim_env_keeps_own64(monkeypatch):
@@ -122,13 +157,14 @@ def test_trim_env_keeps_own64(monkeypatch):
     monkeypatch.delenv(ops.TILE_ENV, raising=False)
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
     monkeypatch.delenv(ops.PAIRS_ENV, raising=False)
+    monkeypatch.setenv(ops.CHAIN_ENV, "auto")
     monkeypatch.setenv(ops.TRIM_ENV, "off")
-    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["pair64", "pair64"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["chain64"]
     monkeypatch.setenv(ops.TRIM_ENV, "auto")
     monkeypatch.setenv(ops.TILE_ENV, "own64")
-    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["pair64", "pair64"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["chain64"]
     monkeypatch.setenv(ops.TILE_ENV, "own16")
-    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["pair16", "pair16"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 1, 256, 256) == ["chain16"]
     monkeypatch.delenv(ops.TILE_ENV)
     monkeypatch.setenv(ops.TRIM_ENV, "8")
     with pytest.raises(ValueError, match="JAX_MOE_TRIM.*got '8'"):
@@ -156,7 +192,9 @@ def test_split_gemm1_output_dtype(monkeypatch):
     assert f"tensor<{t * k}x{h}xbf16>" in outs[1], outs[1]      # GEMM2: [T*k, H]
     act_ins = [line for line in text.splitlines() if "@jax_moe_act_quant" in line]
     assert len(act_ins) == 1 and f"tensor<{t * k}x{2 * i}xbf16>" in act_ins[0], act_ins
-    # decode (<= 16 rows per expert): the pair permute + GEMM1 writes g in bfloat16 too
+    # decode (<= 16 rows per expert): the pair permute + GEMM1 writes g in bfloat16 too (the
+    # decode chain, which keeps g in registers, off)
+    monkeypatch.setenv(ops.CHAIN_ENV, "off")
     t = 16
     small = (ids[:t], args[1][:t], args[2][:t], args[3][:, :t]) + args[4:]
     text = jax.jit(fn).lower(*small).as_text()
@@ -170,6 +208,7 @@ def test_pipeline_env_overrides(monkeypatch):
     separate calls."""
     monkeypatch.delenv(ops.GEMM1_ENV, raising=False)
     monkeypatch.delenv(ops.PAIRS_ENV, raising=False)
+    monkeypatch.setenv(ops.CHAIN_ENV, "auto")
     monkeypatch.setenv(ops.TILE_ENV, "64")
     assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["64", "64"]
     monkeypatch.setenv(ops.GEMM1_ENV, "fused")  # the row tile as "auto" would take it
@@ -182,7 +221,7 @@ def test_pipeline_env_overrides(monkeypatch):
     monkeypatch.setenv(ops.GEMM1_ENV, "fused64")
     assert _gemm_tiles_of_the_op(monkeypatch, 4096, 256, 256) == ["fused64", "128"]
     monkeypatch.setenv(ops.GEMM1_ENV, "split")
-    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["pair64", "pair64"]
+    assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["chain64"]
     monkeypatch.setenv(ops.TILE_ENV, "own128")
     assert _gemm_tiles_of_the_op(monkeypatch, 2048, 256, 256) == ["pair128", "pair128"]
     monkeypatch.setenv(ops.PAIRS_ENV, "off")

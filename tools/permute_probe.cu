@@ -79,18 +79,18 @@ int main(int argc, char** argv) {
 
   auto token = [&](uint8_t* rows, float* rs) {  // the landed kernel before this change
     PermuteTokensKernel<true><<<GridStrideBlocks(T, 1, kPermuteBlocksPerSm), kPermuteThreads, tok_smem>>>(
-        d_hidden, d_hs, d_s2r, d_offs, E, T, k, H, rows, rs, nullptr);
+        d_hidden, d_hs, d_s2r, d_offs, E, T, k, H, rows, rs, ZeroInts{});
   };
   auto rowk = [&](uint8_t* rows, float* rs) {
     PermuteRowsKernel<<<GridStrideBlocks(M, 1, kPermuteBlocksPerSm), kPermuteThreads, (E + 1) * sizeof(int)>>>(
-        d_hidden, d_hs, d_r2s, d_offs, E, T, k, H, rows, rs, nullptr);
+        d_hidden, d_hs, d_r2s, d_offs, E, T, k, H, rows, rs, ZeroInts{});
   };
   auto data_only = [&](uint8_t* rows) {
     PermuteTokensKernel<false><<<GridStrideBlocks(T, 1, kPermuteBlocksPerSm), kPermuteThreads, tok_smem>>>(
-        d_hidden, d_hs, d_s2r, d_offs, E, T, k, H, rows, nullptr, nullptr);
+        d_hidden, d_hs, d_s2r, d_offs, E, T, k, H, rows, nullptr, ZeroInts{});
   };
   auto scales = [&](float* rs) {  // as PermuteStage launches it: a PDL dependent
-    CK(LaunchPermuteScales(0, d_hs, d_r2s, d_offs, E, int(T), k, int(KB), rs, nullptr));
+    CK(LaunchPermuteScales(0, d_hs, d_r2s, d_offs, E, int(T), k, int(KB), rs, ZeroInts{}));
   };
   auto split = [&](uint8_t* rows, float* rs) { data_only(rows); scales(rs); };
   // correctness: every kernel against the token kernel (rows [0, local), all scales)
