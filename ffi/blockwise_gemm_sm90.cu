@@ -822,7 +822,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = tid / 128;
 
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    // 56 registers for the load warpgroup (the two GEMMs' coordinates and maps: with the own
+    // kernel's 40, ptxas spills 40 bytes there) and 224 for the math warpgroups: the 168 x 384
+    // of the launch, redistributed
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
     if (tid == 0) {  // TMA loads of A and B; claims the tiles
       const uint64_t evict_first = EvictFirstPolicy();
       const bool few_rows = s.offsets[num_groups] <= evict_first_max_rows;
@@ -930,7 +933,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     GridDependencyWait();  // the group counters are zeroed by the kernel before
     // math warpgroup w = wg - 1: the tile's 64 rows (BM of them real) x b rows [128w, 128w + 128):
     // GEMM1 the up and gate rows of output columns [64w, 64w + 64) of the tile's 128, GEMM2
