@@ -37,6 +37,15 @@ def _i32(v):
     return np.int32(v)
 
 
+def _auto_or_off(env, default="auto"):
+    """Whether the switch in $`env` (read now, at trace time; `default` when unset) is "auto";
+    "off" is False, anything else an error naming the variable."""
+    mode = os.environ.get(env, default)
+    if mode not in ("auto", "off"):
+        raise ValueError(f"${env}: expected 'auto' or 'off', got {mode!r}")
+    return mode == "auto"
+
+
 # --------------------------------------------------------------------------- route
 def route(routing_logits, routing_bias, *, top_k, routing_method_type, n_group=None,
           topk_group=None, routed_scaling_factor=None):
@@ -377,10 +386,8 @@ def decode_chain_for(block_m, activation_type):
     """Whether the decode pairs' GEMMs (own-kernel tiles of `block_m` rows) run as the decode
     chain: gated activations and up to 64-row tiles, if $JAX_MOE_DECODE_CHAIN (read at trace
     time, default CHAIN_DEFAULT) is "auto"."""
-    mode = os.environ.get(CHAIN_ENV, CHAIN_DEFAULT)
-    if mode not in ("auto", "off"):
-        raise ValueError(f"${CHAIN_ENV}: expected 'auto' or 'off', got {mode!r}")
-    return mode == "auto" and block_m in CHAIN_BLOCK_M and is_gated(activation_type)
+    return (_auto_or_off(CHAIN_ENV, CHAIN_DEFAULT) and block_m in CHAIN_BLOCK_M
+            and is_gated(activation_type))
 
 
 _OWN_BLOCK_M = {GEMM_TILES[f"own{m}"]: m for m in (128, 64, 32, 16, 8)}
@@ -391,10 +398,7 @@ def trimmed_block_m_for(num_tokens):
     """The stage pairs' row tile in place of own64's 64 for a batch of `num_tokens` tokens: 8, 16
     or 32 rows, the least that holds every group's rows in one tile (a group has at most one row
     per token), or 64. $JAX_MOE_TRIM=off (read at trace time) keeps 64."""
-    mode = os.environ.get(TRIM_ENV, "auto")
-    if mode not in ("auto", "off"):
-        raise ValueError(f"${TRIM_ENV}: expected 'auto' or 'off', got {mode!r}")
-    if mode == "off":
+    if not _auto_or_off(TRIM_ENV):
         return 64
     return next((m for m in (8, 16, 32) if num_tokens <= m), 64)
 
@@ -411,14 +415,12 @@ def expert_gemms(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weigh
     g = gemm1_weights.shape[0]
     rows_per_group = (rows_per_group if rows_per_group is not None
                       else hidden_states.shape[0] * top_k / max(g, 1))
-    pairs = os.environ.get(PAIRS_ENV, "auto")
-    if pairs not in ("auto", "off"):
-        raise ValueError(f"${PAIRS_ENV}: expected 'auto' or 'off', got {pairs!r}")
+    pairs = _auto_or_off(PAIRS_ENV)
     tile = os.environ.get(TILE_ENV, "auto")  # read once: a forced own64 is not trimmed
     block_m = _OWN_BLOCK_M.get(_gemm_tile(tile, rows_per_group, g))
     if block_m == 64 and tile == "auto":
         block_m = trimmed_block_m_for(hidden_states.shape[0])
-    if pairs == "auto" and block_m and not _gemm1_fused_block_m(rows_per_group, g):
+    if pairs and block_m and not _gemm1_fused_block_m(rows_per_group, g):
         if decode_chain_for(block_m, activation_type):
             return permute_gemm_chain_raw(hidden_states, hidden_states_scale, p, top_k,
                                           gemm1_weights, gemm1_weights_scale, gemm2_weights,
