@@ -515,7 +515,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t phase = 0, slot_phase = 0;
       for (int t = blockIdx.x;; t = gridDim.x + atomicAdd(tile_counter, 1)) {
         PublishTile(s, slot, slot_phase, t);
-        if (t >= total) break;
+        if (t >= total) {
+          // no tile left to load: the kernel after this one (the finalize) may launch on the SMs
+          // this grid leaves; it reads nothing of ours before its grid-dependency wait
+          GridDependencyTrigger();
+          break;
+        }
         int g, row0, end, n0;
         TileCoords<BM>(s, num_groups, num_units, TN, t, &g, &row0, &end, &n0);
         const int rows_a = a_rows(row0, end);
@@ -860,7 +865,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto next = [&] { if (++stage == STAGES) { stage = 0; phase ^= 1; } };
       for (int t = blockIdx.x;; t = gridDim.x + atomicAdd(tile_counter, 1)) {
         PublishTile(s, slot, slot_phase, t);
-        if (t >= total) break;
+        if (t >= total) {
+          // no tile left to load: the kernel after this one (the finalize) may launch on the SMs
+          // this grid leaves; it reads nothing of ours before its grid-dependency wait
+          GridDependencyTrigger();
+          break;
+        }
         coords(t, c);
         const int kbs = c.gemm2 ? kb2 : kb1;
         if (c.gemm2) {

@@ -148,6 +148,18 @@ cudaError_t LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, s
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// Whether the stage kernels of the decode path -- the plan, the permute, the finalize -- are
+// launched as PDL dependents of the kernel before them (each waits for it before touching
+// memory), so their launch and block start overlap that kernel's end. Only with
+// $JAX_MOE_STAGE_PDL=on until measured on a GPU (read once per process: the A/B switch).
+inline bool StagePdl() {
+  static const bool on = [] {
+    const char* v = std::getenv("JAX_MOE_STAGE_PDL");
+    return v != nullptr && std::string(v) == "on";
+  }();
+  return on;
+}
+
 #ifdef __CUDACC__
 __device__ __forceinline__ void GridDependencyWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void GridDependencyTrigger() { asm volatile("griddepcontrol.launch_dependents;" :::); }

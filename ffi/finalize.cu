@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ffi_common.h"
 
@@ -40,6 +41,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   __shared__ int num_local;
   const int64_t t = blockIdx.x / blocks_per_token;
   const int64_t v = (blockIdx.x % blocks_per_token) * kReduceThreads + threadIdx.x;
+  GridDependencyWait();  // launched early (PDL): every input may come from the kernel before
   if (threadIdx.x < 32) {
     int count = 0;
     for (int j0 = 0; j0 < top_k; j0 += 32) {  // uniform across the warp
@@ -87,6 +89,7 @@ __global__ void __launch_bounds__(kThreads)
                          int64_t num_slots, int64_t num_rows, int64_t vecs_per_row,
                          uint4* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  GridDependencyWait();
   if (i >= num_slots * vecs_per_row) return;
   const int64_t s = i / vecs_per_row;
   const int64_t v = i % vecs_per_row;
@@ -137,18 +140,25 @@ ffi::Error FinalizeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
   }
   auto* yp = reinterpret_cast<const uint4*>(y.typed_data());
   auto* op = reinterpret_cast<uint4*>(out->typed_data());
+  // Launched as a programmatic dependent (PDL) of the kernel before it: where that one lets its
+  // dependents go early (the own GEMM kernel, once it has no tile left to load), the finalize's
+  // blocks are scheduled during its last tiles and wait for it in GridDependencyWait.
+  const bool pdl = StagePdl();
+  cudaError_t err;
   if (do_finalize) {
     auto reduce = [&](auto* w) {  // w: the weights as float or __nv_bfloat16
-      FinalizeReduceKernel<<<static_cast<unsigned>(blocks), kReduceThreads, k * sizeof(int2), stream>>>(
-          yp, slot_to_row.typed_data(), w, static_cast<int>(k), m, vecs, blocks_per_token, op);
+      using W = std::remove_const_t<std::remove_pointer_t<decltype(w)>>;
+      return LaunchKernel(FinalizeReduceKernel<W>, dim3(static_cast<unsigned>(blocks)), dim3(kReduceThreads),
+                          k * sizeof(int2), stream, pdl, yp, slot_to_row.typed_data(), w,
+                          static_cast<int>(k), m, vecs, blocks_per_token, op);
     };
-    if (f32_weights) reduce(static_cast<const float*>(weights.untyped_data()));
-    else reduce(static_cast<const __nv_bfloat16*>(weights.untyped_data()));
+    err = f32_weights ? reduce(static_cast<const float*>(weights.untyped_data()))
+                      : reduce(static_cast<const __nv_bfloat16*>(weights.untyped_data()));
   } else {
-    FinalizeGatherKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        yp, slot_to_row.typed_data(), t * k, m, vecs, op);
+    err = LaunchKernel(FinalizeGatherKernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                       pdl, yp, slot_to_row.typed_data(), t * k, m, vecs, op);
   }
-  JAX_MOE_CHECK_LAUNCH("jax_moe_finalize kernel launch");
+  if (err != cudaSuccess) return CudaError(err, "jax_moe_finalize", "kernel launch");
   return ffi::Error::Success();
 }
 

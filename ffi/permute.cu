@@ -184,6 +184,10 @@ __global__ void __launch_bounds__(kPlanThreads)
   using Scan = cub::BlockScan<int, kPlanThreads>;
   __shared__ typename Scan::TempStorage temp;
   extern __shared__ int smem[];
+  // a PDL dependent of the route (StagePdl): the ids are complete after the wait; the permute
+  // after this kernel may start once every block has passed it
+  GridDependencyWait();
+  GridDependencyTrigger();
   const int nb = num_experts + 1;
   int* before = smem;          // [nb] slots of each bucket before this chunk, then its next free row
   int* rest = smem + nb;       // [nb] slots of each bucket from this chunk on
@@ -318,7 +322,9 @@ __global__ void __launch_bounds__(kScaleThreads)
                         const int32_t* __restrict__ offsets, int num_experts, int num_tokens, int top_k,
                         int kb_count, float* __restrict__ row_scales, ZeroInts zero) {
   // 32-bit indices: the caller checks T * k * kb_count < 2^31
-  StageKernelBegin(zero);
+  // No wait first: the token kernel lets this one start only after its own wait, so the plan's
+  // outputs read here are complete; its rows are awaited at the end.
+  StageKernelTrigger(zero);
   extern __shared__ float staged[];                          // [T]
   int* offs = reinterpret_cast<int*>(staged + num_tokens);   // [E + 1]
   const int kb = static_cast<int>(blockIdx.x % kb_count);
@@ -480,10 +486,11 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
   const LocalRange lr{expert_offset, num_experts};
   if (n <= kFusedMaxSlots) {  // scratch is left untouched
     const unsigned blocks = static_cast<unsigned>((n + kFusedChunk - 1) / kFusedChunk);
-    PlanFusedKernel<<<blocks, kPlanThreads, (kPlanWarps + 2) * nb * sizeof(int), stream>>>(
-        local_ids.typed_data(), n, static_cast<int>(e), lr, offsets->typed_data(),
-        slot_to_row->typed_data(), row_to_slot->typed_data());
-    JAX_MOE_CHECK_LAUNCH("jax_moe_plan fused kernel launch");
+    cudaError_t err = LaunchKernel(PlanFusedKernel, dim3(blocks), dim3(kPlanThreads),
+                                   (kPlanWarps + 2) * nb * sizeof(int), stream, StagePdl(), local_ids.typed_data(),
+                                   n, static_cast<int>(e), lr, offsets->typed_data(), slot_to_row->typed_data(),
+                                   row_to_slot->typed_data());
+    if (err != cudaSuccess) return CudaError(err, "jax_moe_plan fused kernel launch");
     return ffi::Error::Success();
   }
   const int64_t chunk = (n + num_chunks - 1) / num_chunks;
@@ -544,9 +551,11 @@ ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const
   auto* row_bytes = static_cast<uint8_t*>(rows.untyped_data());
   if (m < kPermuteTokenMajorSlots) {
     const unsigned grid = GridStrideBlocks(m, 1, kPermuteBlocksPerSm);  // a block per row
-    PermuteRowsKernel<<<grid, kPermuteThreads, (e + 1) * sizeof(int), stream>>>(
-        hidden_bytes, hidden_scale.typed_data(), row_to_slot.typed_data(), offsets.typed_data(), e, t, top_k, h,
-        row_bytes, row_scales.typed_data(), zero);
+    cudaError_t err = LaunchKernel(PermuteRowsKernel, dim3(grid), dim3(kPermuteThreads), (e + 1) * sizeof(int),
+                                   stream, StagePdl(), hidden_bytes, hidden_scale.typed_data(),
+                                   row_to_slot.typed_data(), offsets.typed_data(), e, t, int(top_k), h, row_bytes,
+                                   row_scales.typed_data(), zero);
+    if (err != cudaSuccess) return CudaError(err, "jax_moe_permute row kernel launch");
   } else {
     const unsigned grid = GridStrideBlocks(t, 1, kPermuteBlocksPerSm);  // a block per token
     const size_t smem = (e + 1 + 2 * static_cast<size_t>(top_k)) * sizeof(int);

@@ -74,6 +74,7 @@ template <typename LogitT, int S>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     RouteKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
                 int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p) {
+  GridDependencyTrigger();  // the plan (a PDL dependent, StagePdl) may start; it waits for this grid
   const int lane = threadIdx.x & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (t >= p.num_tokens) return;  // uniform per warp
@@ -318,6 +319,7 @@ template <typename LogitT>
 __global__ void __launch_bounds__(256)
     RouteGroupsKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
                       int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p) {
+  GridDependencyTrigger();  // as RouteKernel's
   __shared__ float group_score[8];
   __shared__ __align__(16) uint64_t key[8][32];  // the biased score's ordered bits, then ~expert
   __shared__ int32_t chosen_id[8];

@@ -1,10 +1,11 @@
 // Stage launches shared between FFI targets: the permute and act_quant stages (checks + kernel
 // launch, exactly what their own targets run) for the targets that chain one of them with the
 // own GEMM in a single call (blockwise_gemm_sm90.cu: "jax_moe_permute_gemm",
-// "jax_moe_act_quant_gemm"). Their kernels begin with StageKernelBegin (below): it triggers the
-// grid dependency, so a GEMM launched after them with PDL starts loading its weights while they
-// run, and sets `zero` (none by default) to 0: the GEMM's tile counter (and the decode chain's
-// group counters), which the GEMM reads only after its grid-dependency wait, so the pair needs no
+// "jax_moe_act_quant_gemm"). Their kernels begin with StageKernelBegin (below): it waits for the
+// kernel before (they may be launched as its PDL dependents, StagePdl()), then triggers the grid
+// dependency, so a GEMM launched after them with PDL starts loading its weights while they run,
+// and sets `zero` (none by default) to 0: the GEMM's tile counter (and the decode chain's group
+// counters), which the GEMM reads only after its grid-dependency wait, so the pair needs no
 // memset of its own. The kernel runs whenever the GEMM does (both need M > 0 and K > 0).
 #pragma once
 
@@ -35,12 +36,22 @@ ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi
                          ZeroInts zero = {});
 
 #ifdef __CUDACC__
-// First thing a stage kernel does: let its PDL dependent (the pair's GEMM) start, and zero that
-// GEMM's counters (`zero`, none outside a pair) with block 0's threads.
-__device__ __forceinline__ void StageKernelBegin(ZeroInts zero) {
+// Lets the kernel's PDL dependent (the pair's GEMM) start and zeroes that GEMM's counters (`zero`,
+// none outside a pair) with block 0's threads. Only once the kernel before has finished (after
+// GridDependencyWait, or in a kernel whose start implies it): what the dependent reads before its
+// own wait -- the plan's offsets -- must be complete when it starts.
+__device__ __forceinline__ void StageKernelTrigger(ZeroInts zero) {
   GridDependencyTrigger();
   if (blockIdx.x == 0)
     for (int i = threadIdx.x; i < zero.count; i += blockDim.x) zero.ptr[i] = 0;
+}
+
+// First thing a stage kernel does: wait for the kernel before (a no-op unless launched with PDL;
+// nothing is read or written before it, so XLA's reuse of a finished buffer's memory is safe),
+// then StageKernelTrigger.
+__device__ __forceinline__ void StageKernelBegin(ZeroInts zero) {
+  GridDependencyWait();
+  StageKernelTrigger(zero);
 }
 #endif
 
