@@ -151,13 +151,11 @@ cudaError_t LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, s
 // Whether the stage kernels of the decode path -- the plan, the permute, the finalize -- are
 // launched as PDL dependents of the kernel before them (each waits for it before touching
 // memory), so their launch and block start overlap that kernel's end. Only with
-// $JAX_MOE_STAGE_PDL=on until measured on a GPU (read once per process: the A/B switch).
+// $JAX_MOE_STAGE_PDL=on until measured on a GPU. Read at each launch (a getenv, well under a
+// microsecond of host time), so a test can compare both in one process.
 inline bool StagePdl() {
-  static const bool on = [] {
-    const char* v = std::getenv("JAX_MOE_STAGE_PDL");
-    return v != nullptr && std::string(v) == "on";
-  }();
-  return on;
+  const char* v = std::getenv("JAX_MOE_STAGE_PDL");
+  return v != nullptr && std::string(v) == "on";
 }
 
 #ifdef __CUDACC__

@@ -432,3 +432,28 @@ def test_decode_chain_errors(monkeypatch):
         jax.block_until_ready(call(w2[:, :128], w2s[:, :1], A.Swiglu, 8))
     d, _, _ = call(w2, w2s, A.Swiglu, 8)  # the same operands, well formed: runs
     assert np.all(np.isfinite(np.asarray(d, np.float32)))
+
+
+@pytest.mark.parametrize("t, e, e_loc, offset, chain", [
+    (1, 256, 256, 0, "off"), (1, 256, 256, 0, "auto"), (16, 256, 256, 0, "auto"),
+    (64, 256, 32, 64, "auto"), (300, 64, 64, 0, "off")])
+def test_stage_pdl_same_bits(monkeypatch, t, e, e_loc, offset, chain):
+    """$JAX_MOE_STAGE_PDL=on launches the plan, the decode permute and the finalize as PDL
+    dependents of the kernel before (read at each launch; a fresh executable per setting, as
+    XLA may replay a captured CUDA graph): the same bits as plain launches, over repeated calls
+    with fresh inputs (a dependent that read or wrote before its wait would race)."""
+    monkeypatch.delenv(jax_moe.ops.GEMM1_ENV, raising=False)
+    monkeypatch.delenv(jax_moe.ops.TILE_ENV, raising=False)
+    monkeypatch.setenv(jax_moe.ops.CHAIN_ENV, chain)
+    kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5, local_expert_offset=offset)
+    out = {}
+    for pdl in ("off", "on"):
+        monkeypatch.setenv("JAX_MOE_STAGE_PDL", pdl)
+        jax.clear_caches()
+        f = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))
+        for seed in range(3):
+            args = inputs(120 + t + seed, t, 512, 256, e, e_loc=e_loc)
+            out[pdl, seed] = np.asarray(jax.block_until_ready(f(*args)).astype(jnp.float32))
+    for seed in range(3):
+        assert np.isfinite(out["on", seed]).all()
+        assert np.array_equal(out["on", seed], out["off", seed]), f"T={t} seed {seed}"
