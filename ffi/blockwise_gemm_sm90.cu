@@ -766,12 +766,23 @@ __global__ void __launch_bounds__(kThreads, 1)
 // counter (workspace[kChainCountersAt + g], release); a GEMM2 tile issues its first stages'
 // weight loads, then waits until its group's counter reaches the group's GEMM1 tiles (acquire)
 // before it loads the activations. So GEMM2's weights stream while the last GEMM1 tiles finish,
-// with no act_quant kernel, launch or ramp between the GEMMs. Every GEMM1 tile is claimed
-// before the GEMM2 tiles that wait for it, by a CTA that is running: the wait needs every CTA of
-// the grid (one per SM) resident, as any persistent kernel with cross-CTA waits (CUTLASS's
-// stream-K fix-up) does. Same sums in the same order as GEMM1 (bf16 out) -> act_quant -> GEMM2:
-// bit-identical results.
-constexpr int kChainCountersAt = kOwnGemmWorkspaceInts;  // workspace: [0] tile counter, [4 + g] group g
+// with no act_quant kernel, launch or ramp between the GEMMs. Same sums in the same order as
+// GEMM1 (bf16 out) -> act_quant -> GEMM2: bit-identical results.
+// No deadlock whichever CTAs are resident: CTA b < num_static starts with GEMM1 tile b (its
+// weight loads go out before the grid-dependency wait) and claims it (claim[b]) after the wait;
+// the other tiles come from the counter in order, so every GEMM1 tile from it is handed out
+// before any GEMM2 tile; and before a CTA takes a GEMM2 tile it claims any static tile still
+// unclaimed (its CTA not resident: an SM limit such as MPS's, or a kernel beside this one) and
+// computes it. So every GEMM1 tile a GEMM2 tile waits for is held by a CTA that runs. A CTA
+// that finds its static tile claimed passes the stages it had loaded for it through unused (a
+// "ghost" tile). JAX_MOE_CHAIN_CTAS (a test's knob, read at each launch) sets the grid: more CTAs
+// than fit exercises the stealing.
+// workspace: [0] tile counter, [1] static tiles claimed, [4, 4 + G) group counters,
+// [4 + G, 4 + G + kChainMaxCtas) claim flags
+constexpr int kChainCountersAt = kOwnGemmWorkspaceInts;
+constexpr int kChainMaxCtas = 1024;
+constexpr int kChainGhostTile = 1 << 29;  // tile ids from here: a ghost of static tile id - this
+constexpr uint64_t kChainStealAfterNs = 20000;
 
 __device__ __forceinline__ int LoadAcquire(const int* p) {
   int v;
@@ -783,6 +794,12 @@ __device__ __forceinline__ void AddRelease(int* p, int v) {
 }
 // Orders this thread's generic-proxy global accesses with its async-proxy (TMA) ones.
 __device__ __forceinline__ void FenceProxyAsyncGlobal() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+__device__ __forceinline__ int LoadVolatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 __device__ __forceinline__ void AwaitCount(const int* counter, int target) {
   while (LoadAcquire(counter) < target) __nanosleep(32);
 }
@@ -813,10 +830,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kb1 = hidden / BK, kb2 = inter / BK;                     // K blocks
   const int nb1 = 2 * inter / 128, nb2 = hidden / 128;               // weight-scale blocks along N
   int* tile_counter = workspace;
+  int* static_claimed = workspace + 1;  // static tiles claimed so far
   int* done = workspace + kChainCountersAt;
+  int* claim = done + num_groups;  // [gridDim.x]: static tile b claimed (by CTA b or another)
   InitTileSchedule<BM, STAGES>(s, offsets, num_groups, m);
   const int total1 = s.tile_start[num_groups] * units1;
   const int total = total1 + s.tile_start[num_groups] * units2;
+  // CTA b < num_static starts with GEMM1 tile b (its static tile), if no other CTA has claimed it
+  const int num_static = min(int(gridDim.x), total1);
   auto coords = [&](int t, ChainTile& c) {
     c.gemm2 = t >= total1;
     TileCoords<BM>(s, num_groups, c.gemm2 ? units2 : units1, c.gemm2 ? BN : 128, c.gemm2 ? t - total1 : t, &c.g,
@@ -846,14 +867,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             TmaLoad(s.b[st] + i * 64 * BK, map, &s.full[st], kb * BK, row);
         }
       };
-      // stages of the current tile whose b loads are issued, from its first stage on: the first
+      // stages of the current tile whose b loads are issued, from its first stage on: the static
       // tile's go out before the grid-dependency wait (the weights and offsets are complete when
       // the kernel before this one starts), a GEMM2 tile's before the wait for its group
-      int early = 0;
+      int early = 0, a_issued = 0;  // and whose a loads are issued
       ChainTile c;
-      if (int(blockIdx.x) < total) {
+      if (int(blockIdx.x) < num_static) {
         coords(blockIdx.x, c);
-        early = min(STAGES, c.gemm2 ? kb2 : kb1);
+        early = min(STAGES, kb1);
         for (int kb = 0; kb < early; ++kb) {  // fresh stages: no empty wait
           MbarExpectTx(&s.full[kb], kStageTx);
           load_b(kb, c, kb);
@@ -863,7 +884,49 @@ __global__ void __launch_bounds__(kThreads, 1)
       int stage = 0, slot = 0;
       uint32_t phase = 0, slot_phase = 0;
       auto next = [&] { if (++stage == STAGES) { stage = 0; phase ^= 1; } };
-      for (int t = blockIdx.x;; t = gridDim.x + atomicAdd(tile_counter, 1)) {
+      // The next tile: from the counter (after the static ones), but before a GEMM2 tile or the
+      // end, any static tile no CTA has claimed yet (its CTA not resident: an SM limit, a kernel
+      // beside this one), so that every GEMM1 tile a GEMM2 tile waits for is held by a CTA that
+      // runs. A resident CTA claims its static tile within a few us of the start: the scan waits
+      // kChainStealAfterNs from this CTA's start for that (CTAs without a static tile reach their
+      // first GEMM2 tile at once). Claims are never undone: the scan goes over each flag once.
+      const uint64_t started = GlobalTimerNs();
+      int held = -1, scan = 0;
+      bool all_claimed = false;
+      auto claim_next = [&]() -> int {
+        if (held < 0) held = num_static + atomicAdd(tile_counter, 1);
+        if (held >= total1 && !all_claimed) {
+          while (!(all_claimed = LoadVolatile(static_claimed) >= num_static) &&
+                 GlobalTimerNs() - started < kChainStealAfterNs)
+            __nanosleep(256);
+          for (; !all_claimed && scan < num_static; ++scan)
+            if (LoadVolatile(claim + scan) == 0 && atomicExch(claim + scan, 1) == 0) {
+              atomicAdd(static_claimed, 1);
+              return scan++;
+            }
+          all_claimed = true;
+        }
+        const int t = held;
+        held = -1;
+        return t;
+      };
+      int t;
+      if (early > 0) {  // the static tile: its activations load now, whoever computes it
+        for (int kb = 0; kb < early; ++kb) TmaLoad(s.a[kb], &map_a1, &s.full[kb], kb * BK, c.row0);
+        if (atomicExch(claim + blockIdx.x, 1) == 0) {
+          atomicAdd(static_claimed, 1);
+          t = blockIdx.x;
+          a_issued = early;
+        } else {  // another CTA took it (this one started late): its stages pass through unused
+          PublishTile(s, slot, slot_phase, kChainGhostTile + int(blockIdx.x));
+          for (int kb = 0; kb < early; ++kb) next();
+          early = 0;
+          t = claim_next();
+        }
+      } else {
+        t = claim_next();
+      }
+      for (;; t = claim_next()) {
         PublishTile(s, slot, slot_phase, t);
         if (t >= total) {
           // no tile left to load: the kernel after this one (the finalize) may launch on the SMs
@@ -897,22 +960,19 @@ __global__ void __launch_bounds__(kThreads, 1)
             MbarWait(&s.empty[stage], phase ^ 1);
             MbarExpectTx(&s.full[stage], kStageTx);
           }
-          TmaLoad(s.a[stage], map_a, &s.full[stage], kb * BK, c.row0);
+          if (kb >= a_issued) TmaLoad(s.a[stage], map_a, &s.full[stage], kb * BK, c.row0);
           if (!b_issued) load_b(stage, c, kb);
           next();
         }
-        early = 0;
+        early = a_issued = 0;
       }
     } else if (tid >= 32 && tid < 64) {  // warp 1: the scales of every K block
       GridDependencyWait();  // a1's scales come from the kernel before
       const int lane = tid - 32;
       int stage = 0, slot = 0;
       uint32_t phase = 0, slot_phase = 0;
-      for (;;) {
-        const int t = ReceiveTile(s, slot, slot_phase, lane);
-        if (t >= total) break;
-        ChainTile c;
-        coords(t, c);
+      // k blocks [kb_begin, kb_end) of tile c: the row scales and the two weight-block scales
+      auto stage_scales = [&](const ChainTile& c, int kb_begin, int kb_end) {
         const int kbs = c.gemm2 ? kb2 : kb1;
         const int g0 = s.offsets[c.g], rows_g = c.end - g0;
         const float* sa = (c.gemm2 ? act_scale : a1_scale) + int64_t(g0) * kbs + (c.row0 - g0);
@@ -920,9 +980,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         // GEMM1: the blocks of the up and the gate rows; GEMM2: of b rows [0, 128) and [128, 256)
         const int sb0 = c.gemm2 ? min(c.n0 / 128, nb2 - 1) : c.n0 / 128;
         const int sb1 = c.gemm2 ? min(c.n0 / 128 + 1, nb2 - 1) : (inter + c.n0) / 128;
-        if (c.gemm2) AwaitCount(done + c.g, gemm1_tiles(c.g));  // act_scale: written by GEMM1's tiles
         constexpr int kRegs = (BM + 31) / 32;  // row scales per lane
-        for (int kb = 0; kb < kbs; ++kb) {
+        for (int kb = kb_begin; kb < kb_end; ++kb) {
           float v[kRegs];
 #pragma unroll
           for (int i = 0; i < kRegs; ++i) {
@@ -940,6 +999,28 @@ __global__ void __launch_bounds__(kThreads, 1)
           MbarArrive(&s.full[stage]);
           if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
+      };
+      // The static tile's first stages are staged before it is published, so its claim's round
+      // trip overlaps these loads; its ghost (claimed elsewhere) passes exactly those stages.
+      int staged = 0;
+      if (int(blockIdx.x) < num_static) {
+        ChainTile c;
+        coords(blockIdx.x, c);
+        staged = min(STAGES, kb1);
+        stage_scales(c, 0, staged);
+      }
+      for (;;) {
+        const int t = ReceiveTile(s, slot, slot_phase, lane);
+        if (t >= kChainGhostTile) {
+          staged = 0;
+          continue;
+        }
+        if (t >= total) break;
+        ChainTile c;
+        coords(t, c);
+        if (c.gemm2) AwaitCount(done + c.g, gemm1_tiles(c.g));  // act_scale: written by GEMM1's tiles
+        stage_scales(c, staged, c.gemm2 ? kb2 : kb1);
+        staged = 0;
       }
     }
   } else {
@@ -957,6 +1038,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[64], part[64];
     for (;;) {
       const int t = ReceiveTile(s, slot, slot_phase, lane);
+      if (t >= kChainGhostTile) {  // the static tile, computed by another CTA: release its stages
+        for (int kb = 0; kb < min(STAGES, kb1); ++kb) {
+          MbarWait(&s.full[stage], phase);
+          if (ct == 0) MbarArrive(&s.empty[stage]);
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        }
+        continue;
+      }
       if (t >= total) break;
       ChainTile c;
       coords(t, c);
@@ -1336,7 +1425,10 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   *what = "kernel launch";
-  return LaunchKernel(kernel, NumSms(), kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
+  int ctas = NumSms();
+  if (const char* v = std::getenv("JAX_MOE_CHAIN_CTAS")) ctas = std::atoi(v) > 0 ? std::atoi(v) : ctas;
+  ctas = std::min(ctas, kChainMaxCtas);
+  return LaunchKernel(kernel, ctas, kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
                       row_scales, w1_scale, w2_scale, offsets, g, m, hidden, inter, static_cast<uint8_t*>(act),
                       act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows());
 }
@@ -1370,12 +1462,15 @@ ffi::Error PermuteGemmChainImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi:
   if (d->element_type() != ffi::DataType::BF16) return InvalidArgument(o + ": d: output dtype must be bfloat16");
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*d, (o + ": d").c_str(), {sh1.m, sh1.k}));
   JAX_MOE_RETURN_IF_ERROR(
-      CheckShape(*workspace, (o + ": workspace").c_str(), {kChainCountersAt + sh1.g}));
+      CheckShape(*workspace, (o + ": workspace").c_str(), {kChainCountersAt + sh1.g + kChainMaxCtas}));
+  // tile ids stay below the ghost ids: at most M / 8 + G row tiles, times the column tiles
+  if ((sh1.m / 8 + sh1.g) * (sh1.n / 256 + (sh1.k + 255) / 256) >= kChainGhostTile)
+    return InvalidArgument(o + ": too many tiles for one launch (T*k = " + std::to_string(sh1.m) + ")");
   JAX_MOE_RETURN_IF_ERROR(CheckOwnGemm(
       op, sh1.g, {rows->untyped_data(), w1.untyped_data(), act->untyped_data(), w2.untyped_data(), d->untyped_data()}));
   JAX_MOE_RETURN_IF_ERROR(PermuteStage(stream, hidden, hidden_scale, slot_to_row, row_to_slot, offsets, *rows,
                                        *row_scales, top_k,
-                                       ZeroInts{workspace->typed_data(), int(kChainCountersAt + sh1.g)}));
+                                       ZeroInts{workspace->typed_data(), int(workspace->element_count())}));
   if (sh1.m == 0) return ffi::Error::Success();  // else the permute's kernel ran (M, H > 0)
   decltype(&LaunchChain<8>) launch = block_m == 8 ? LaunchChain<8>
                                      : block_m == 16 ? LaunchChain<16>
@@ -1409,7 +1504,7 @@ XLA_FFI_DEFINE_HANDLER(PermuteGemmChainHandler, PermuteGemmChainImpl,
                            .Ret<ffi::Buffer<ffi::F32>>()   // their scales [T*k*H/128] (workspace)
                            .Ret<ffi::AnyBuffer>()          // activations fp8 [T*k, I] (workspace)
                            .Ret<ffi::Buffer<ffi::F32>>()   // their scales [T*k*I/128] (workspace)
-                           .Ret<ffi::Buffer<ffi::S32>>()   // [4 + G]: tile counter, group counters
+                           .Ret<ffi::Buffer<ffi::S32>>()   // [4 + G + 1024]: counters, claim flags
                            .Attr<int32_t>("top_k")
                            .Attr<int32_t>("activation")
                            .Attr<int32_t>("block_m"),

@@ -353,6 +353,7 @@ def act_quant_gemm(g, p: Plan, activation_type, weights, weight_scales, out_dtyp
 CHAIN_ENV = "JAX_MOE_DECODE_CHAIN"  # "auto" or "off": the two stage pairs instead
 CHAIN_DEFAULT = "off"  # not yet measured on a GPU (benchmarks/RESULTS.md, twenty-ninth session)
 CHAIN_BLOCK_M = (64, 32, 16, 8)
+CHAIN_MAX_CTAS = 1024  # the chain's claim flags (ffi/blockwise_gemm_sm90.cu, kChainMaxCtas)
 
 
 def permute_gemm_chain_raw(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weights,
@@ -375,7 +376,7 @@ def permute_gemm_chain_raw(hidden_states, hidden_states_scale, p: Plan, top_k, g
         (jax.ShapeDtypeStruct((m, h), jnp.bfloat16), jax.ShapeDtypeStruct((m, h), FP8),
          jax.ShapeDtypeStruct((m * h // BLOCK,), jnp.float32), jax.ShapeDtypeStruct((m, i), FP8),
          jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32),
-         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS + g,), jnp.int32)),
+         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS + g + CHAIN_MAX_CTAS,), jnp.int32)),
     )(hidden_states, hidden_states_scale, p.slot_to_row, p.row_to_slot, p.expert_offsets,
       gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
       top_k=_i32(top_k), activation=_i32(activation_type), block_m=_i32(block_m))
