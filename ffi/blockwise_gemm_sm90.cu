@@ -1425,9 +1425,9 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   *what = "kernel launch";
-  int ctas = NumSms();
-  if (const char* v = std::getenv("JAX_MOE_CHAIN_CTAS")) ctas = std::atoi(v) > 0 ? std::atoi(v) : ctas;
-  ctas = std::min(ctas, kChainMaxCtas);
+  int ctas = NumSms();  // one per SM; $JAX_MOE_CHAIN_CTAS (a test's knob) sets another count
+  const char* forced = std::getenv("JAX_MOE_CHAIN_CTAS");
+  if (forced != nullptr && std::atoi(forced) > 0) ctas = std::min(std::atoi(forced), kChainMaxCtas);
   return LaunchKernel(kernel, ctas, kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
                       row_scales, w1_scale, w2_scale, offsets, g, m, hidden, inter, static_cast<uint8_t*>(act),
                       act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows());
