@@ -1425,7 +1425,7 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   *what = "kernel launch";
-  int ctas = NumSms();  // one per SM; $JAX_MOE_CHAIN_CTAS (a test's knob) sets another count
+  int ctas = std::min(NumSms(), kChainMaxCtas);  // one per SM; $JAX_MOE_CHAIN_CTAS (a test's knob) sets another count
   const char* forced = std::getenv("JAX_MOE_CHAIN_CTAS");
   if (forced != nullptr && std::atoi(forced) > 0) ctas = std::min(std::atoi(forced), kChainMaxCtas);
   return LaunchKernel(kernel, ctas, kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
