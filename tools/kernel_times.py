@@ -132,8 +132,10 @@ def main():
         dev = {arm: [] for arm in fns}
         for _ in range(args.rounds):
             for arm, f in fns.items():
+                apply(arm)  # again: a setting read at each launch ($JAX_MOE_STAGE_PDL) must hold now
                 dev[arm].append(device_time(f, sets, 30))
         for arm, f in fns.items():
+            apply(arm)
             span, busy, per_kernel, ks = cupti(f, sets, args.calls)
             print(f"T={t} E_loc={args.local_experts} [{arm or 'default'}]: device_time "
                   f"{np.median(dev[arm]) * 1e6:.1f} us, CUPTI span/op {span:.1f} us, busy/op {busy:.1f} us, "
