@@ -16,7 +16,7 @@ el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 arms=("JAX_MOE_DECODE_CHAIN=off" "JAX_MOE_DECODE_CHAIN=auto")
 tests="decode_chain or stage_pdl" tokens="1 16" limits=(150 110 90)  # seconds per step
-[ -n "${QUICK:-}" ] && tests="decode_chain_in_the_op or any_residency or stage_pdl" tokens=1 limits=(100 70 60)
+[ -n "${QUICK:-}" ] && tests="decode_chain_in_the_op or any_residency or stage_pdl" tokens=1 limits=(150 70 60)
 JAX_MOE_STAGE_PDL=on timeout -s KILL ${limits[0]} python -m pytest -x -q tests/test_gpu_moe.py \
   -k "$tests" > "$out/pytest_chain.log" 2>&1
 el "pytest chain + stage PDL rc=$?"; tail -3 "$out/pytest_chain.log"
