@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstdio>
 #include <cstdlib>
 #include <cstdint>
 #include <string>
@@ -783,6 +784,12 @@ constexpr int kChainCountersAt = kOwnGemmWorkspaceInts;
 constexpr int kChainMaxCtas = 1024;
 constexpr int kChainGhostTile = 1 << 29;  // tile ids from here: a ghost of static tile id - this
 constexpr uint64_t kChainStealAfterNs = 20000;
+// $JAX_MOE_CHAIN_TRACE=1 (read at each launch, a diagnostic): each CTA records its first
+// kChainTraceTiles tiles (when the math warpgroups got the tile, when its first stage's data
+// arrived, when its epilogue was done; %globaltimer ns) in shared memory behind the pipeline and
+// prints them at its end, one line per tile (tools/chain_trace.py reads them).
+constexpr int kChainTraceTiles = 16;
+constexpr size_t kChainTraceBytes = (3 * kChainTraceTiles + 1) * sizeof(uint64_t) + kChainTraceTiles * sizeof(int);
 
 __device__ __forceinline__ int LoadAcquire(const int* p) {
   int v;
@@ -799,6 +806,11 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+}
+__device__ __forceinline__ unsigned SmId() {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
 }
 __device__ __forceinline__ void AwaitCount(const int* counter, int target) {
   while (LoadAcquire(counter) < target) __nanosleep(32);
@@ -817,7 +829,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                          const float* __restrict__ b2_scale, const int32_t* __restrict__ offsets, int num_groups,
                          int m, int hidden, int inter, uint8_t* __restrict__ act, float* __restrict__ act_scale,
                          __nv_bfloat16* __restrict__ d, int activation, int* __restrict__ workspace,
-                         int evict_first_max_rows) {
+                         int evict_first_max_rows, int trace) {
   static_assert(BM <= 64, "64 x 256 tiles, trimmed or not");
   constexpr int BN = 256;
   using S = Smem<BM, BN, 0>;
@@ -1036,8 +1048,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0, slot = 0;
     uint32_t phase = 0, slot_phase = 0;
     float acc[64], part[64];
+    // $JAX_MOE_CHAIN_TRACE: [start, then per tile (received, first data, done)] and the tile ids
+    const bool tracer = trace != 0 && w == 0 && ct == 0;
+    uint64_t* trace_ns = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(&s) + sizeof(S));
+    int* trace_tile = reinterpret_cast<int*>(trace_ns + 1 + 3 * kChainTraceTiles);
+    int traced = 0;
+    if (tracer) trace_ns[0] = GlobalTimerNs();
     for (;;) {
       const int t = ReceiveTile(s, slot, slot_phase, lane);
+      const bool trace_tile_now = tracer && traced < kChainTraceTiles && t < total;
+      if (trace_tile_now) {
+        trace_tile[traced] = t;
+        trace_ns[1 + 3 * traced] = GlobalTimerNs();
+      }
       if (t >= kChainGhostTile) {  // the static tile, computed by another CTA: release its stages
         for (int kb = 0; kb < min(STAGES, kb1); ++kb) {
           MbarWait(&s.full[stage], phase);
@@ -1054,6 +1077,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
       for (int kb = 0; kb < kbs; ++kb) {
         MbarWait(&s.full[stage], phase);
+        if (trace_tile_now && kb == 0) trace_ns[2 + 3 * traced] = GlobalTimerNs();
         const int st = stage;
         // GEMM1: columns [0, 64) of the accumulators are up (scale block 0), [64, 128) gate (1)
         const float b0 = s.sb[st][c.gemm2 ? w : 0], b1 = s.sb[st][c.gemm2 ? w : 1];
@@ -1093,6 +1117,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
+        if (trace_tile_now) trace_ns[3 + 3 * traced++] = GlobalTimerNs();
         continue;
       }
       // GEMM1's epilogue: 32 activations (64 up x 64 gate columns), the row maxima of the
@@ -1127,7 +1152,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       FenceProxyAsyncGlobal();  // GEMM2's TMA loads read these codes
       MathBarrier();            // both warpgroups' stores done (and s.amax free again)
       if (w == 0 && ct == 0) AddRelease(done + c.g, 1);
+      if (trace_tile_now) trace_ns[3 + 3 * traced++] = GlobalTimerNs();
     }
+    for (int i = 0; tracer && i < traced; ++i)
+      printf("chain_trace cta %d sm %u start %llu tile %d gemm2 %d received %llu first %llu done %llu\n",
+             int(blockIdx.x), SmId(), (unsigned long long)trace_ns[0], trace_tile[i], int(trace_tile[i] >= total1),
+             (unsigned long long)trace_ns[1 + 3 * i], (unsigned long long)trace_ns[2 + 3 * i],
+             (unsigned long long)trace_ns[3 + 3 * i]);
   }
 }
 
@@ -1406,6 +1437,11 @@ JAX_MOE_REGISTER_TARGET("jax_moe_act_quant_gemm", ActQuantGemmHandler);
 // permute kernel zeroes the chain's tile counter and group counters.
 namespace {
 
+int ChainTrace() {  // read at each launch: a diagnostic switched on for one run of a script
+  const char* v = std::getenv("JAX_MOE_CHAIN_TRACE");
+  return v != nullptr && v[0] == '1';
+}
+
 template <int BM>
 cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter, const void* rows,
                         const float* row_scales, const void* w1, const float* w1_scale, const void* w2,
@@ -1418,8 +1454,8 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
     return cudaErrorInvalidValue;
   }
   using S = Smem<BM, 256, 0>;
-  const size_t smem = sizeof(S) + 1024;
-  static_assert(sizeof(S) + 1024 <= kSmemLimit, "shared memory");
+  const size_t smem = sizeof(S) + 1024 + kChainTraceBytes;
+  static_assert(sizeof(S) + 1024 + kChainTraceBytes <= kSmemLimit, "shared memory");
   auto kernel = OwnDecodeChainKernel<BM>;
   *what = "cudaFuncSetAttribute";
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -1430,7 +1466,8 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
   if (forced != nullptr && std::atoi(forced) > 0) ctas = std::min(std::atoi(forced), kChainMaxCtas);
   return LaunchKernel(kernel, ctas, kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
                       row_scales, w1_scale, w2_scale, offsets, g, m, hidden, inter, static_cast<uint8_t*>(act),
-                      act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows());
+                      act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows(),
+                      ChainTrace());
 }
 
 ffi::Error PermuteGemmChainImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
