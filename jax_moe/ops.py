@@ -351,7 +351,7 @@ def act_quant_gemm(g, p: Plan, activation_type, weights, weight_scales, out_dtyp
 # kernel (ffi/blockwise_gemm_sm90.cu, OwnDecodeChainKernel): GEMM2's tiles wait per expert for
 # GEMM1's, so its weights stream while GEMM1's last tiles finish.
 CHAIN_ENV = "JAX_MOE_DECODE_CHAIN"  # "auto" or "off": the two stage pairs instead
-CHAIN_DEFAULT = "off"  # not yet measured on a GPU (benchmarks/RESULTS.md, twenty-ninth session)
+CHAIN_DEFAULT = "auto"  # measured on an H100: benchmarks/RESULTS.md, thirty-first session
 CHAIN_BLOCK_M = (64, 32, 16, 8)
 CHAIN_MAX_CTAS = 1024  # the chain's claim flags (ffi/blockwise_gemm_sm90.cu, kChainMaxCtas)
 
