@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (~7 min) for the decode experiments that are off by default: the decode chain
+# One device call (~7 min) for the decode experiments: the decode chain
 # ($JAX_MOE_DECODE_CHAIN) and stage PDL ($JAX_MOE_STAGE_PDL): their GPU tests, then device times
 # per op with the chain off / auto (in-process arms) under stage PDL on, and again with it off.
 # Logs under $OUT (or ./decode_ab_out); the T= lines are printed last. Build first on the CPU
