@@ -151,8 +151,9 @@ cudaError_t LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, s
 // Whether the stage kernels of the decode path -- the plan, the permute, the finalize -- are
 // launched as PDL dependents of the kernel before them (each waits for it before touching
 // memory), so their launch and block start overlap that kernel's end. Only with
-// $JAX_MOE_STAGE_PDL=on only: measured on an H100, no gain (RESULTS.md, thirty-first session). Read at each launch (a getenv, well under a
-// microsecond of host time), so a test can compare both in one process.
+// $JAX_MOE_STAGE_PDL=on: measured on an H100, no gain (RESULTS.md, thirty-first session). Read
+// at each launch (a getenv, well under a microsecond of host time), so a test can compare both
+// in one process.
 inline bool StagePdl() {
   const char* v = std::getenv("JAX_MOE_STAGE_PDL");
   return v != nullptr && std::string(v) == "on";
