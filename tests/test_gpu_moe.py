@@ -398,7 +398,9 @@ def test_decode_chain_any_residency(monkeypatch, block_m, t, k, e_loc):
     which CTAs are resident: with one CTA, three, and 1024 (far more than fit: the resident ones
     claim the static tiles of those that are not, which later find them taken and pass their
     loaded stages through), the same bits as with one CTA per SM ($JAX_MOE_CHAIN_CTAS, read at
-    each launch; a fresh executable per setting)."""
+    each launch; a fresh executable per setting). And GEMM2 waiting per K block for the one GEMM1
+    tile it reads ($JAX_MOE_CHAIN_WAIT=kblock) instead of per expert: the same bits again, with
+    each of those grids."""
     from jax_moe import ops
     h, i = 384, 256
     p, hq, hs, w1, w1s = _pair_operands(5 * t + k, t, k, e_loc, h, 2 * i)
@@ -406,15 +408,16 @@ def test_decode_chain_any_residency(monkeypatch, block_m, t, k, e_loc):
     m = int(p.expert_offsets[-1])
     assert m > 0
     out = {}
-    for ctas in ("", "1", "3", "1024"):
+    for ctas, wait in [(c, w) for w in ("expert", "kblock") for c in ("", "1", "3", "1024")]:
         monkeypatch.setenv("JAX_MOE_CHAIN_CTAS", ctas)
+        monkeypatch.setenv("JAX_MOE_CHAIN_WAIT", wait)
         jax.clear_caches()
         chain = jax.jit(ops.permute_gemm_chain_raw, static_argnums=(3, 8, 9))
         for rep in range(2):  # the counters and claim flags are zeroed again each call
             d, q, qs = jax.block_until_ready(chain(hq, hs, p, k, w1, w1s, w2, w2s, A.Swiglu, block_m))
-            out[ctas, rep] = (np.asarray(d[:m]).view(np.uint16), np.asarray(q[:m]).view(np.uint8),
-                              np.asarray(qs))
-    d0, q0, qs0 = out["", 0]
+            out[ctas, wait, rep] = (np.asarray(d[:m]).view(np.uint16), np.asarray(q[:m]).view(np.uint8),
+                                    np.asarray(qs))
+    d0, q0, qs0 = out["", "expert", 0]
     assert np.any(d0 != 0)
     for key, (d, q, qs) in out.items():
         assert np.array_equal(d, d0) and np.array_equal(q, q0), f"CTAs {key}"
