@@ -150,14 +150,14 @@ cudaError_t LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, s
 
 // Whether the stage kernels of the decode path -- the plan, the permute, the finalize -- are
 // launched as PDL dependents of the kernel before them (each waits for it before touching
-// memory), so their launch and block start overlap that kernel's end. Only with
-// $JAX_MOE_STAGE_PDL=on: measured on an H100, no gain (RESULTS.md, thirty-first session). Read
-// at each launch (a getenv, well under a microsecond of host time), so a test can compare both
-// in one process.
-inline bool StagePdl() {
-  const char* v = std::getenv("JAX_MOE_STAGE_PDL");
-  return v != nullptr && std::string(v) == "on";
-}
+// memory), so their launch and block start overlap that kernel's end. On unless
+// $JAX_MOE_STAGE_PDL=off. Measured on an H100 (RESULTS.md, thirty-first session): no gain with
+// the stage pairs, but with the decode chain (5 kernels per op instead of 7) the T=1 op runs
+// ahead of the host's launches and plain launches leave ~1.1 us before the plan, the permute and
+// the finalize each (T=1 134.5 us with it, 139.5 without); every measured gain of the chain
+// was with it on. Read at each launch (a getenv, well under a microsecond of host time), so a
+// test can compare both in one process.
+inline bool StagePdl() { return !EnvSwitchedOff("JAX_MOE_STAGE_PDL"); }
 
 #ifdef __CUDACC__
 __device__ __forceinline__ void GridDependencyWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }

@@ -471,8 +471,9 @@ def test_decode_chain_errors(monkeypatch):
     (1, 256, 256, 0, "off"), (1, 256, 256, 0, "auto"), (16, 256, 256, 0, "auto"),
     (64, 256, 32, 64, "auto"), (300, 64, 64, 0, "off")])
 def test_stage_pdl_same_bits(monkeypatch, t, e, e_loc, offset, chain):
-    """$JAX_MOE_STAGE_PDL=on launches the plan, the decode permute and the finalize as PDL
-    dependents of the kernel before (read at each launch; a fresh executable per setting, as
+    """Stage PDL (on by default; $JAX_MOE_STAGE_PDL=off turns it off) launches the plan, the
+    decode permute and the finalize as PDL dependents of the kernel before (read at each
+    launch; a fresh executable per setting, as
     XLA may replay a captured CUDA graph): the same bits as plain launches, over repeated calls
     with fresh inputs (a dependent that read or wrote before its wait would race)."""
     monkeypatch.delenv(jax_moe.ops.GEMM1_ENV, raising=False)
