@@ -1501,7 +1501,7 @@ JAX_MOE_REGISTER_TARGET("jax_moe_act_quant_gemm", ActQuantGemmHandler);
 
 // The decode chain (OwnDecodeChainKernel): permute, then GEMM1 + activation + re-quantization
 // and GEMM2 in one persistent kernel launched as the permute's programmatic dependent. The
-// permute kernel zeroes the chain's tile counter and group counters.
+// permute kernel zeroes the chain's whole workspace: its counters and flags.
 namespace {
 
 int ChainTrace() {  // read at each launch: a diagnostic switched on for one run of a script
