@@ -900,11 +900,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // The GEMM1 tiles a GEMM2 tile's K blocks wait for: K block kb of row tile r of group g is
   // GEMM1 tile tile_start[g] * units1 + kb * tiles_g + r (TileCoords' order), i.e. first + kb * stride
-  auto gemm1_tiles = [&](int g) { return units1 * (s.tile_start[g + 1] - s.tile_start[g]); };  // of group g
+  auto row_tiles = [&](int g) { return s.tile_start[g + 1] - s.tile_start[g]; };
+  auto gemm1_tiles = [&](int g) { return units1 * row_tiles(g); };  // of group g
   auto gemm1_first = [&](const ChainTile& c) {
     return s.tile_start[c.g] * units1 + (c.row0 - s.offsets[c.g]) / BM;
   };
-  auto gemm1_stride = [&](const ChainTile& c) { return s.tile_start[c.g + 1] - s.tile_start[c.g]; };
   const int wg = tid / 128;
 
   if (wg == 0) {
@@ -1016,12 +1016,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         const CUtensorMap* map_a = c.gemm2 ? &map_a2 : &map_a1;
-        const int first1 = c.gemm2 ? gemm1_first(c) : 0, stride1 = c.gemm2 ? gemm1_stride(c) : 0;
+        const bool kblock_wait = c.gemm2 && per_kblock;
+        const int first1 = kblock_wait ? gemm1_first(c) : 0, stride1 = kblock_wait ? row_tiles(c.g) : 0;
         uint32_t window = 0;
         int window_kb = -1;
         for (int kb = 0; kb < kbs; ++kb) {
           const bool b_issued = kb < early;
-          const bool kblock_wait = c.gemm2 && per_kblock;
           if (!b_issued) {
             MbarWait(&s.empty[stage], phase ^ 1);
             MbarExpectTx(&s.full[stage], kStageTx);
@@ -1054,13 +1054,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int sb0 = c.gemm2 ? min(c.n0 / 128, nb2 - 1) : c.n0 / 128;
         const int sb1 = c.gemm2 ? min(c.n0 / 128 + 1, nb2 - 1) : (inter + c.n0) / 128;
         constexpr int kRegs = (BM + 31) / 32;  // row scales per lane
-        const int first1 = c.gemm2 ? gemm1_first(c) : 0, stride1 = c.gemm2 ? gemm1_stride(c) : 0;
+        const bool kblock_wait = c.gemm2 && per_kblock;
+        const int first1 = kblock_wait ? gemm1_first(c) : 0, stride1 = kblock_wait ? row_tiles(c.g) : 0;
         uint32_t window = 0;
         int window_kb = -1;
         for (int kb = kb_begin; kb < kb_end; ++kb) {
           // GEMM2: this K block's scales, stored by GEMM1 tile first1 + kb * stride1 (each lane
           // polls the flags itself, so each lane's loads below are ordered after its own acquire)
-          if (c.gemm2 && per_kblock) AwaitFlag(tile_done, first1, stride1, kb, kbs, window, window_kb);
+          if (kblock_wait) AwaitFlag(tile_done, first1, stride1, kb, kbs, window, window_kb);
           float v[kRegs];
 #pragma unroll
           for (int i = 0; i < kRegs; ++i) {
@@ -1504,15 +1505,6 @@ JAX_MOE_REGISTER_TARGET("jax_moe_act_quant_gemm", ActQuantGemmHandler);
 // permute kernel zeroes the chain's whole workspace: its counters and flags.
 namespace {
 
-int ChainTrace() {  // read at each launch: a diagnostic switched on for one run of a script
-  const char* v = std::getenv("JAX_MOE_CHAIN_TRACE");
-  return v != nullptr && v[0] == '1';
-}
-
-int ChainWaitPerKBlock() {  // $JAX_MOE_CHAIN_WAIT: "expert" (default) or "kblock", read at each launch
-  const char* v = std::getenv("JAX_MOE_CHAIN_WAIT");
-  return v != nullptr && std::string(v) == "kblock";
-}
 
 template <int BM>
 cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter, const void* rows,
@@ -1539,7 +1531,8 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
   return LaunchKernel(kernel, ctas, kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
                       row_scales, w1_scale, w2_scale, offsets, g, m, hidden, inter, static_cast<uint8_t*>(act),
                       act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows(),
-                      ChainTrace(), ChainWaitPerKBlock());
+                      // read at each launch: a diagnostic, and "expert" (default) or "kblock"
+                      int(EnvEquals("JAX_MOE_CHAIN_TRACE", "1")), int(EnvEquals("JAX_MOE_CHAIN_WAIT", "kblock")));
 }
 
 ffi::Error PermuteGemmChainImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,

@@ -92,12 +92,15 @@ constexpr bool IsSupportedActivation(int32_t a) { return IsGatedActivation(a) ||
 
 inline unsigned CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
-// Whether environment variable `name` is "off": a kernel launcher's A/B switch. Callers read it
-// once per process (a function-local static), as tools/env_ab.sh expects.
-inline bool EnvSwitchedOff(const char* name) {
+// Whether environment variable `name` is set to `value`.
+inline bool EnvEquals(const char* name, const char* value) {
   const char* v = std::getenv(name);
-  return v != nullptr && std::string(v) == "off";
+  return v != nullptr && std::string(v) == value;
 }
+
+// Whether environment variable `name` is "off": a kernel launcher's A/B switch. Callers read it
+// once per process (a function-local static), as tools/env_ab.sh expects, unless it says otherwise.
+inline bool EnvSwitchedOff(const char* name) { return EnvEquals(name, "off"); }
 
 
 // Number of SMs of the current device (cached per device; no stream work, graph-capture safe).
