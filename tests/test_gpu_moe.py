@@ -464,7 +464,8 @@ def test_decode_chain_errors(monkeypatch):
     with pytest.raises(Exception, match="gemm2_weights: expected shape"):
         jax.block_until_ready(call(w2[:, :128], w2s[:, :1], A.Swiglu, 8))
     d, _, _ = call(w2, w2s, A.Swiglu, 8)  # the same operands, well formed: runs
-    assert np.all(np.isfinite(np.asarray(d, np.float32)))
+    m = int(p.expert_offsets[-1])  # rows past the local slots are never written: garbage
+    assert m > 0 and np.all(np.isfinite(np.asarray(d[:m], np.float32)))
 
 
 @pytest.mark.parametrize("t, e, e_loc, offset, chain", [
