@@ -769,13 +769,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // before it loads the activations. So GEMM2's weights stream while the last GEMM1 tiles finish,
 // with no act_quant kernel, launch or ramp between the GEMMs. Same sums in the same order as
 // GEMM1 (bf16 out) -> act_quant -> GEMM2: bit-identical results.
-// $JAX_MOE_CHAIN_WAIT=kblock (read at each launch; not yet measured, so "expert" by default):
-// GEMM2's K block kb of a row tile is exactly what GEMM1's tile of that row tile and
-// quantization block kb wrote, so a GEMM1 tile sets its own flag (tile_done[t]) instead, and a
-// GEMM2 tile waits, K block by K block, for that one tile's flag before it loads the block's
-// activations and scales: it computes its first K blocks while other GEMM1 tiles of its expert
-// still run (GEMM1's equal tiles end up to ~14 us apart at T=1: the SMs get unequal shares of
-// DRAM). The same sums in the same order either way.
+// (A per-K-block wait -- GEMM2's K block kb waiting only for the one GEMM1 tile that wrote it,
+// each GEMM1 tile with its own flag -- was measured slower on an H100 at T=1, 143.9 against
+// 136.7 us: GEMM2 tiles started earlier, then stalled on their last blocks while holding SMs;
+// RESULTS.md, thirty-second session. It was removed.)
 // No deadlock whichever CTAs are resident: CTA b < num_static starts with GEMM1 tile b (its
 // weight loads go out before the grid-dependency wait) and claims it (claim[b]) after the wait;
 // the other tiles come from the counter in order, so every GEMM1 tile from it is handed out
@@ -786,14 +783,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // "ghost" tile). JAX_MOE_CHAIN_CTAS (a test's knob, read at each launch) sets the grid: more CTAs
 // than fit exercises the stealing.
 // workspace: [0] tile counter, [1] static tiles claimed, [4, 4 + G) group counters,
-// [4 + G, 4 + G + kChainMaxCtas) claim flags, then one flag per GEMM1 tile (ChainGemm1Tiles)
+// [4 + G, 4 + G + kChainMaxCtas) claim flags
 constexpr int kChainCountersAt = kOwnGemmWorkspaceInts;
 constexpr int kChainMaxCtas = 1024;
-// GEMM1 tiles of a chain launch at most: (sum over groups of ceil(rows / BM)) x I / 128, the
-// sum at most ceil(M / BM) plus the groups with a row
-inline int64_t ChainGemm1Tiles(int64_t m, int64_t block_m, int64_t groups, int64_t inter) {
-  return ((m + block_m - 1) / block_m + std::min(groups, m)) * (inter / 128);
-}
 constexpr int kChainGhostTile = 1 << 29;  // tile ids from here: a ghost of static tile id - this
 constexpr uint64_t kChainStealAfterNs = 20000;
 // $JAX_MOE_CHAIN_TRACE=1 (read at each launch, a diagnostic): each CTA records its first
@@ -827,35 +819,6 @@ __device__ __forceinline__ unsigned SmId() {
 __device__ __forceinline__ void AwaitCount(const int* counter, int target) {
   while (LoadAcquire(counter) < target) __nanosleep(32);
 }
-__device__ __forceinline__ void FenceAcqRel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-// Flags polled per round trip (4: the load warpgroup's 56 registers spill; 2 K blocks are ~1.8 us
-// of GEMM2 at T=1, well above a round trip).
-constexpr int kFlagPoll = 2;
-// Bit j: flag `first + (kb0 + j) * stride` is set (j < kFlagPoll, kb0 + j < kbs). The loads go
-// out together (one round trip, not one per K block); the fence after them makes what the
-// flags' writers stored before setting them visible to this thread's later loads.
-__device__ __forceinline__ uint32_t FlagsSet(const int* flags, int first, int stride, int kb0, int kbs) {
-  int v[kFlagPoll];
-#pragma unroll
-  for (int j = 0; j < kFlagPoll; ++j) v[j] = kb0 + j < kbs ? LoadVolatile(flags + first + (kb0 + j) * stride) : 0;
-  uint32_t mask = 0;
-#pragma unroll
-  for (int j = 0; j < kFlagPoll; ++j) mask |= uint32_t(v[j] != 0) << j;
-  FenceAcqRel();
-  return mask;
-}
-// Waits until flag `first + kb * stride` is set, polling kFlagPoll K blocks at a time: `window`
-// and `window_kb` (this thread's, kept across calls for one tile; window_kb < 0 to start) say
-// which are known set.
-__device__ __forceinline__ void AwaitFlag(const int* flags, int first, int stride, int kb, int kbs,
-                                           uint32_t& window, int& window_kb) {
-  while (window_kb < 0 || kb >= window_kb + kFlagPoll || !((window >> (kb - window_kb)) & 1)) {
-    const bool fresh = window_kb != kb;
-    window_kb = kb;
-    window = FlagsSet(flags, first, stride, kb, kbs);
-    if (!fresh && !(window & 1)) __nanosleep(64);
-  }
-}
 
 struct ChainTile {
   bool gemm2;
@@ -870,7 +833,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                          const float* __restrict__ b2_scale, const int32_t* __restrict__ offsets, int num_groups,
                          int m, int hidden, int inter, uint8_t* __restrict__ act, float* __restrict__ act_scale,
                          __nv_bfloat16* __restrict__ d, int activation, int* __restrict__ workspace,
-                         int evict_first_max_rows, int trace, int wait_per_kblock) {
+                         int evict_first_max_rows, int trace) {
   static_assert(BM <= 64, "64 x 256 tiles, trimmed or not");
   constexpr int BN = 256;
   using S = Smem<BM, BN, 0>;
@@ -886,8 +849,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   int* static_claimed = workspace + 1;  // static tiles claimed so far
   int* done = workspace + kChainCountersAt;  // [num_groups]: GEMM1 tiles of group g done
   int* claim = done + num_groups;  // [gridDim.x]: static tile b claimed (by CTA b or another)
-  int* tile_done = claim + kChainMaxCtas;  // [total1]: GEMM1 tile t has stored its activations (kblock wait)
-  const bool per_kblock = wait_per_kblock != 0;
   InitTileSchedule<BM, STAGES>(s, offsets, num_groups, m);
   const int total1 = s.tile_start[num_groups] * units1;
   const int total = total1 + s.tile_start[num_groups] * units2;
@@ -898,13 +859,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     TileCoords<BM>(s, num_groups, c.gemm2 ? units2 : units1, c.gemm2 ? BN : 128, c.gemm2 ? t - total1 : t, &c.g,
                    &c.row0, &c.end, &c.n0);
   };
-  // The GEMM1 tiles a GEMM2 tile's K blocks wait for: K block kb of row tile r of group g is
-  // GEMM1 tile tile_start[g] * units1 + kb * tiles_g + r (TileCoords' order), i.e. first + kb * stride
-  auto row_tiles = [&](int g) { return s.tile_start[g + 1] - s.tile_start[g]; };
-  auto gemm1_tiles = [&](int g) { return units1 * row_tiles(g); };  // of group g
-  auto gemm1_first = [&](const ChainTile& c) {
-    return s.tile_start[c.g] * units1 + (c.row0 - s.offsets[c.g]) / BM;
-  };
+  // GEMM1 tiles of group g, which its GEMM2 tiles wait for
+  auto gemm1_tiles = [&](int g) { return units1 * (s.tile_start[g + 1] - s.tile_start[g]); };
   const int wg = tid / 128;
 
   if (wg == 0) {
@@ -1010,31 +966,18 @@ __global__ void __launch_bounds__(kThreads, 1)
             stage = first;
             phase = first_phase;
           }
-          if (!per_kblock) {
-            AwaitCount(done + c.g, gemm1_tiles(c.g));
-            FenceProxyAsyncGlobal();  // the activations were written through the generic proxy
-          }
+          AwaitCount(done + c.g, gemm1_tiles(c.g));
+          FenceProxyAsyncGlobal();  // the activations were written through the generic proxy
         }
         const CUtensorMap* map_a = c.gemm2 ? &map_a2 : &map_a1;
-        const bool kblock_wait = c.gemm2 && per_kblock;
-        const int first1 = kblock_wait ? gemm1_first(c) : 0, stride1 = kblock_wait ? row_tiles(c.g) : 0;
-        uint32_t window = 0;
-        int window_kb = -1;
         for (int kb = 0; kb < kbs; ++kb) {
           const bool b_issued = kb < early;
           if (!b_issued) {
             MbarWait(&s.empty[stage], phase ^ 1);
             MbarExpectTx(&s.full[stage], kStageTx);
-            if (kblock_wait) load_b(stage, c, kb);  // before the wait for this block's activations
           }
-          if (kb >= a_issued) {
-            if (kblock_wait) {  // this K block's activations: GEMM1 tile first1 + kb * stride1's
-              AwaitFlag(tile_done, first1, stride1, kb, kbs, window, window_kb);
-              FenceProxyAsyncGlobal();  // they were written through the generic proxy
-            }
-            TmaLoad(s.a[stage], map_a, &s.full[stage], kb * BK, c.row0);
-          }
-          if (!b_issued && !kblock_wait) load_b(stage, c, kb);
+          if (kb >= a_issued) TmaLoad(s.a[stage], map_a, &s.full[stage], kb * BK, c.row0);
+          if (!b_issued) load_b(stage, c, kb);
           next();
         }
         early = a_issued = 0;
@@ -1054,14 +997,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int sb0 = c.gemm2 ? min(c.n0 / 128, nb2 - 1) : c.n0 / 128;
         const int sb1 = c.gemm2 ? min(c.n0 / 128 + 1, nb2 - 1) : (inter + c.n0) / 128;
         constexpr int kRegs = (BM + 31) / 32;  // row scales per lane
-        const bool kblock_wait = c.gemm2 && per_kblock;
-        const int first1 = kblock_wait ? gemm1_first(c) : 0, stride1 = kblock_wait ? row_tiles(c.g) : 0;
-        uint32_t window = 0;
-        int window_kb = -1;
         for (int kb = kb_begin; kb < kb_end; ++kb) {
-          // GEMM2: this K block's scales, stored by GEMM1 tile first1 + kb * stride1 (each lane
-          // polls the flags itself, so each lane's loads below are ordered after its own acquire)
-          if (kblock_wait) AwaitFlag(tile_done, first1, stride1, kb, kbs, window, window_kb);
           float v[kRegs];
 #pragma unroll
           for (int i = 0; i < kRegs; ++i) {
@@ -1098,7 +1034,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (t >= total) break;
         ChainTile c;
         coords(t, c);
-        if (c.gemm2 && !per_kblock) AwaitCount(done + c.g, gemm1_tiles(c.g));  // act_scale: written by GEMM1's tiles
+        if (c.gemm2) AwaitCount(done + c.g, gemm1_tiles(c.g));  // act_scale: written by GEMM1's tiles
         stage_scales(c, staged, c.gemm2 ? kb2 : kb1);
         staged = 0;
       }
@@ -1219,7 +1155,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       FenceProxyAsyncGlobal();  // GEMM2's TMA loads read these codes
       MathBarrier();            // both warpgroups' stores done (and s.amax free again)
-      if (w == 0 && ct == 0) AddRelease(per_kblock ? tile_done + t : done + c.g, 1);
+      if (w == 0 && ct == 0) AddRelease(done + c.g, 1);
       if (trace_tile_now) trace_ns[3 + 3 * traced++] = GlobalTimerNs();
     }
     for (int i = 0; tracer && i < traced; ++i)
@@ -1502,9 +1438,8 @@ JAX_MOE_REGISTER_TARGET("jax_moe_act_quant_gemm", ActQuantGemmHandler);
 
 // The decode chain (OwnDecodeChainKernel): permute, then GEMM1 + activation + re-quantization
 // and GEMM2 in one persistent kernel launched as the permute's programmatic dependent. The
-// permute kernel zeroes the chain's whole workspace: its counters and flags.
+// permute kernel zeroes the chain's whole workspace: its counters and claim flags.
 namespace {
-
 
 template <int BM>
 cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter, const void* rows,
@@ -1531,8 +1466,7 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
   return LaunchKernel(kernel, ctas, kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
                       row_scales, w1_scale, w2_scale, offsets, g, m, hidden, inter, static_cast<uint8_t*>(act),
                       act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows(),
-                      // read at each launch: a diagnostic, and "expert" (default) or "kblock"
-                      int(EnvEquals("JAX_MOE_CHAIN_TRACE", "1")), int(EnvEquals("JAX_MOE_CHAIN_WAIT", "kblock")));
+                      int(EnvEquals("JAX_MOE_CHAIN_TRACE", "1")));  // read at each launch: a diagnostic
 }
 
 ffi::Error PermuteGemmChainImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
@@ -1563,9 +1497,8 @@ ffi::Error PermuteGemmChainImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi:
                                             offsets, &sh2));
   if (d->element_type() != ffi::DataType::BF16) return InvalidArgument(o + ": d: output dtype must be bfloat16");
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*d, (o + ": d").c_str(), {sh1.m, sh1.k}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*workspace, (o + ": workspace").c_str(),
-                                     {kChainCountersAt + sh1.g + kChainMaxCtas +
-                                      ChainGemm1Tiles(sh1.m, block_m, sh1.g, sh1.n / 2)}));
+  JAX_MOE_RETURN_IF_ERROR(
+      CheckShape(*workspace, (o + ": workspace").c_str(), {kChainCountersAt + sh1.g + kChainMaxCtas}));
   // tile ids stay below the ghost ids: at most M / 8 + G row tiles, times the column tiles
   if ((sh1.m / 8 + sh1.g) * (sh1.n / 256 + (sh1.k + 255) / 256) >= kChainGhostTile)
     return InvalidArgument(o + ": too many tiles for one launch (T*k = " + std::to_string(sh1.m) + ")");

@@ -162,6 +162,14 @@ cudaError_t LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, s
 // test can compare both in one process.
 inline bool StagePdl() { return !EnvSwitchedOff("JAX_MOE_STAGE_PDL"); }
 
+// Whether the route, the op's first kernel, is also launched as a PDL dependent of whatever
+// kernel precedes it on the stream (the op before, another layer's kernel): it waits for that
+// kernel before reading or writing anything, so only its launch and block start overlap that
+// kernel's end, and the finalize, the op's last kernel, lets its own dependent start early
+// (a kernel launched without the attribute does not). On with stage PDL unless
+// $JAX_MOE_ROUTE_PDL=off; read at each launch.
+inline bool RoutePdl() { return StagePdl() && !EnvSwitchedOff("JAX_MOE_ROUTE_PDL"); }
+
 #ifdef __CUDACC__
 __device__ __forceinline__ void GridDependencyWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void GridDependencyTrigger() { asm volatile("griddepcontrol.launch_dependents;" :::); }

@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int64_t t = blockIdx.x / blocks_per_token;
   const int64_t v = (blockIdx.x % blocks_per_token) * kReduceThreads + threadIdx.x;
   GridDependencyWait();  // launched early (PDL): every input may come from the kernel before
+  GridDependencyTrigger();  // the next op's route (RoutePdl) may start; it waits for this grid
   if (threadIdx.x < 32) {
     int count = 0;
     for (int j0 = 0; j0 < top_k; j0 += 32) {  // uniform across the warp
@@ -90,6 +91,7 @@ __global__ void __launch_bounds__(kThreads)
                          uint4* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   GridDependencyWait();
+  GridDependencyTrigger();  // as FinalizeReduceKernel's
   if (i >= num_slots * vecs_per_row) return;
   const int64_t s = i / vecs_per_row;
   const int64_t v = i % vecs_per_row;

@@ -74,6 +74,7 @@ template <typename LogitT, int S>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     RouteKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
                 int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p) {
+  GridDependencyWait();     // launched early (RoutePdl): the kernel before may still run
   GridDependencyTrigger();  // the plan (a PDL dependent, StagePdl) may start; it waits for this grid
   const int lane = threadIdx.x & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -319,7 +320,8 @@ template <typename LogitT>
 __global__ void __launch_bounds__(256)
     RouteGroupsKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
                       int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p) {
-  GridDependencyTrigger();  // as RouteKernel's
+  GridDependencyWait();  // as RouteKernel's
+  GridDependencyTrigger();
   __shared__ float group_score[8];
   __shared__ __align__(16) uint64_t key[8][32];  // the biased score's ordered bits, then ~expert
   __shared__ int32_t chosen_id[8];
@@ -393,9 +395,8 @@ inline bool RouteGroupsEnabled() {
 template <typename LogitT, int S>
 void LaunchRoute(cudaStream_t stream, const void* logits, const float* bias, int32_t* ids,
                  __nv_bfloat16* w, const RouteParams& p) {
-  dim3 grid(CeilDiv(p.num_tokens, kWarpsPerBlock));
-  RouteKernel<LogitT, S><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-      static_cast<const LogitT*>(logits), bias, ids, w, p);
+  LaunchKernel(RouteKernel<LogitT, S>, dim3(CeilDiv(p.num_tokens, kWarpsPerBlock)), kWarpsPerBlock * 32, 0, stream,
+               RoutePdl(), static_cast<const LogitT*>(logits), bias, ids, w, p);
 }
 
 template <typename LogitT>
@@ -404,7 +405,8 @@ void DispatchRoute(cudaStream_t stream, const void* logits, const float* bias, i
   const int e = p.num_experts;
   if (p.method == kDeepSeekV3 && p.n_group > 1 && e == 32 * p.n_group &&
       p.num_tokens <= kRouteGroupsMaxTokens && RouteGroupsEnabled()) {
-    RouteGroupsKernel<LogitT><<<p.num_tokens, e, 0, stream>>>(static_cast<const LogitT*>(logits), bias, ids, w, p);
+    LaunchKernel(RouteGroupsKernel<LogitT>, p.num_tokens, e, 0, stream, RoutePdl(), static_cast<const LogitT*>(logits),
+                 bias, ids, w, p);
     return;
   }
   if (e <= 32) LaunchRoute<LogitT, 1>(stream, logits, bias, ids, w, p);

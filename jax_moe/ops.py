@@ -356,14 +356,6 @@ CHAIN_BLOCK_M = (64, 32, 16, 8)
 CHAIN_MAX_CTAS = 1024  # the chain's claim flags (ffi/blockwise_gemm_sm90.cu, kChainMaxCtas)
 
 
-def chain_workspace_ints(m, block_m, g, inter):
-    """The chain's device workspace (ffi/blockwise_gemm_sm90.cu): its counters, one per group, a
-    claim flag per CTA and a flag per GEMM1 tile: at most ceil(m / block_m) row tiles plus one
-    per group with a row (min(g, m)), times inter / 128."""
-    return (OWN_GEMM_WORKSPACE_INTS + g + CHAIN_MAX_CTAS
-            + (-(-m // block_m) + min(g, m)) * (inter // BLOCK))
-
-
 def permute_gemm_chain_raw(hidden_states, hidden_states_scale, p: Plan, top_k, gemm1_weights,
                            gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
                            activation_type, block_m=8):
@@ -384,7 +376,7 @@ def permute_gemm_chain_raw(hidden_states, hidden_states_scale, p: Plan, top_k, g
         (jax.ShapeDtypeStruct((m, h), jnp.bfloat16), jax.ShapeDtypeStruct((m, h), FP8),
          jax.ShapeDtypeStruct((m * h // BLOCK,), jnp.float32), jax.ShapeDtypeStruct((m, i), FP8),
          jax.ShapeDtypeStruct((m * i // BLOCK,), jnp.float32),
-         jax.ShapeDtypeStruct((chain_workspace_ints(m, block_m, g, i),), jnp.int32)),
+         jax.ShapeDtypeStruct((OWN_GEMM_WORKSPACE_INTS + g + CHAIN_MAX_CTAS,), jnp.int32)),
     )(hidden_states, hidden_states_scale, p.slot_to_row, p.row_to_slot, p.expert_offsets,
       gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
       top_k=_i32(top_k), activation=_i32(activation_type), block_m=_i32(block_m))

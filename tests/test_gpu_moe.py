@@ -398,9 +398,7 @@ def test_decode_chain_any_residency(monkeypatch, block_m, t, k, e_loc):
     which CTAs are resident: with one CTA, three, and 1024 (far more than fit: the resident ones
     claim the static tiles of those that are not, which later find them taken and pass their
     loaded stages through), the same bits as with one CTA per SM ($JAX_MOE_CHAIN_CTAS, read at
-    each launch; a fresh executable per setting). And GEMM2 waiting per K block for the one GEMM1
-    tile it reads ($JAX_MOE_CHAIN_WAIT=kblock) instead of per expert: the same bits again, with
-    each of those grids."""
+    each launch; a fresh executable per setting)."""
     from jax_moe import ops
     h, i = 384, 256
     p, hq, hs, w1, w1s = _pair_operands(5 * t + k, t, k, e_loc, h, 2 * i)
@@ -408,16 +406,15 @@ def test_decode_chain_any_residency(monkeypatch, block_m, t, k, e_loc):
     m = int(p.expert_offsets[-1])
     assert m > 0
     out = {}
-    for ctas, wait in [(c, w) for w in ("expert", "kblock") for c in ("", "1", "3", "1024")]:
+    for ctas in ("", "1", "3", "1024"):
         monkeypatch.setenv("JAX_MOE_CHAIN_CTAS", ctas)
-        monkeypatch.setenv("JAX_MOE_CHAIN_WAIT", wait)
         jax.clear_caches()
         chain = jax.jit(ops.permute_gemm_chain_raw, static_argnums=(3, 8, 9))
         for rep in range(2):  # the counters and claim flags are zeroed again each call
             d, q, qs = jax.block_until_ready(chain(hq, hs, p, k, w1, w1s, w2, w2s, A.Swiglu, block_m))
-            out[ctas, wait, rep] = (np.asarray(d[:m]).view(np.uint16), np.asarray(q[:m]).view(np.uint8),
-                                    np.asarray(qs))
-    d0, q0, qs0 = out["", "expert", 0]
+            out[ctas, rep] = (np.asarray(d[:m]).view(np.uint16), np.asarray(q[:m]).view(np.uint8),
+                              np.asarray(qs))
+    d0, q0, qs0 = out["", 0]
     assert np.any(d0 != 0)
     for key, (d, q, qs) in out.items():
         assert np.array_equal(d, d0) and np.array_equal(q, q0), f"CTAs {key}"
@@ -492,3 +489,39 @@ def test_stage_pdl_same_bits(monkeypatch, t, e, e_loc, offset, chain):
     for seed in range(3):
         assert np.isfinite(out["on", seed]).all()
         assert np.array_equal(out["on", seed], out["off", seed]), f"T={t} seed {seed}"
+
+
+@pytest.mark.parametrize("t, e, e_loc, offset", [(1, 256, 256, 0), (16, 256, 256, 0), (64, 256, 32, 64),
+                                                 (300, 64, 64, 0)])
+def test_route_pdl_back_to_back_same_bits(monkeypatch, t, e, e_loc, offset):
+    """The route, launched as a PDL dependent of whatever kernel precedes it (on with stage PDL;
+    $JAX_MOE_ROUTE_PDL=off turns it off), and the finalize letting the next op's route start
+    early: calls enqueued back to back with no sync between them, every other call's logits
+    written by an XLA kernel just before it and the others' route right after the op before's
+    finalize (a route that read its logits, or wrote its outputs into memory the op before still
+    reads, ahead of its wait would race), give the bits of synchronized calls with every PDL off."""
+    monkeypatch.delenv(jax_moe.ops.GEMM1_ENV, raising=False)
+    monkeypatch.delenv(jax_moe.ops.TILE_ENV, raising=False)
+    kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5, local_expert_offset=offset)
+    sets = [inputs(170 + t + seed, t, 512, 256, e, e_loc=e_loc) for seed in range(4)]
+    scale = jax.device_put(np.float32(1.5))
+    make_logits = jax.jit(lambda logits, s: logits * s)  # a kernel of its own before each call
+    out = {}
+    for stage, route in (("off", "off"), ("on", "off"), ("on", "on")):
+        monkeypatch.setenv("JAX_MOE_STAGE_PDL", stage)
+        monkeypatch.setenv("JAX_MOE_ROUTE_PDL", route)
+        jax.clear_caches()
+        f = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))
+        sync_each = stage == "off"
+        for rnd in range(2):
+            got = []
+            for i, args in enumerate(sets):
+                logits = make_logits(args[0], scale) if i % 2 == 0 else args[0]
+                y = f(logits, *args[1:])
+                got.append(jax.block_until_ready(y) if sync_each else y)
+            out[stage, route, rnd] = [np.asarray(y.astype(jnp.float32)) for y in got]
+    want = out["off", "off", 0]
+    assert all(np.isfinite(w).all() and np.any(w != 0) for w in want)
+    for key, got in out.items():
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert np.array_equal(g, w), f"T={t} {key} set {i}"

@@ -258,20 +258,3 @@ def test_static_offset_reaches_the_plan_kernel(monkeypatch, offset):
                             lines.index(plan[0])]
     assert not [line for line in ops_before_plan if "stablehlo." in line], ops_before_plan
 
-
-@pytest.mark.parametrize("block_m", [8, 16, 32, 64])
-def test_chain_workspace_holds_a_flag_per_gemm1_tile(block_m):
-    """ops.chain_workspace_ints leaves room for one flag per GEMM1 tile of the decode chain
-    (sum over groups of ceil(rows / block_m) row tiles, times I / 128; ffi ChainGemm1Tiles), for
-    any split of the rows over the groups: every row in its own group, all in one, random, and
-    some groups empty."""
-    rng = np.random.default_rng(block_m)
-    inter = 256
-    for m, g in [(1, 256), (8, 256), (128, 256), (1024, 256), (533, 32), (7, 3), (4096, 8)]:
-        splits = [np.ones(m, int) if m <= g else None, np.array([m]),
-                  np.bincount(rng.integers(0, g, m), minlength=g)]
-        for rows in (s for s in splits if s is not None):
-            assert rows.sum() == m and len(rows) <= g
-            tiles = int(np.sum(-(-rows // block_m))) * (inter // 128)
-            flags = ops.chain_workspace_ints(m, block_m, g, inter) - (ops.OWN_GEMM_WORKSPACE_INTS + g + ops.CHAIN_MAX_CTAS)
-            assert tiles <= flags, (m, g, rows)

@@ -15,7 +15,7 @@ summary=()
 run_pytest() {  # log name, then pytest arguments
   local name=$1; shift
   local start; start=$(date +%s)
-  timeout "${TEST_TIMEOUT:-400}" python -m pytest -q -m gpu -p no:cacheprovider "$@" ${PYTEST_ARGS:-} \
+  timeout "${TEST_TIMEOUT:-540}" python -m pytest -q -m gpu -p no:cacheprovider "$@" ${PYTEST_ARGS:-} \
     >"$out/$name.log" 2>&1
   echo "$name: $(tail -1 "$out/$name.log") [$(( $(date +%s) - start )) s]" >"$out/$name.summary"
 }
