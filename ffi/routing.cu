@@ -309,6 +309,23 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// The plan of one token's k slots (jax_moe_route_plan): where RouteGroupsKernel writes it too,
+// the same offsets [E_loc + 1], slot_to_row and row_to_slot [k] as jax_moe_plan (permute.cu).
+struct PlanOut {
+  int32_t* offsets;
+  int32_t* slot_to_row;
+  int32_t* row_to_slot;
+  int num_local, expert_offset, num_global;  // as jax_moe_plan's attributes
+};
+
+// jax_moe_plan's bucket of expert id: id - expert_offset when that is a local expert (and id is
+// in [0, num_global) where num_global > 0), else num_local (not local).
+__device__ __forceinline__ int PlanBucket(int32_t id, const PlanOut& q) {
+  if (q.num_global > 0 && (id < 0 || id >= q.num_global)) return q.num_local;
+  const int64_t local = static_cast<int64_t>(id) - q.expert_offset;
+  return (local >= 0 && local < q.num_local) ? static_cast<int>(local) : q.num_local;
+}
+
 // DeepSeek-V3 routing with groups of 32 experts (E = 32 x n_group, n_group <= 8) for small
 // batches: one block per token, one warp per group, expert e in warp e / 32, lane e % 32. The
 // one-warp kernel above runs ~1.9 k mostly dependent instructions per token (ncu, H100: 5.1
@@ -316,12 +333,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 // group in parallel and the top-k is one rank count instead of k rounds of warp reductions.
 // The same float operations on the same values and the same orders (value, then the lower
 // index; NaN first) as RouteKernel, so the same ids and weight bits (tests/test_gpu_stages.py).
-template <typename LogitT>
+// kPlan (one token, jax_moe_route_plan): the block also writes the plan of the token's k slots
+// (PlanOut), which saves the plan kernel's launch, grid-dependency wait and reload of the ids on
+// the decode op's path to its first weight load.
+template <typename LogitT, bool kPlan>
 __global__ void __launch_bounds__(256)
     RouteGroupsKernel(const LogitT* __restrict__ logits, const float* __restrict__ bias,
-                      int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p) {
+                      int32_t* __restrict__ ids_out, __nv_bfloat16* __restrict__ w_out, RouteParams p,
+                      PlanOut q) {
   GridDependencyWait();  // as RouteKernel's
   GridDependencyTrigger();
+  __shared__ int bucket[8];  // kPlan: the plan bucket of each slot
   __shared__ float group_score[8];
   __shared__ __align__(16) uint64_t key[8][32];  // the biased score's ordered bits, then ~expert
   __shared__ int32_t chosen_id[8];
@@ -379,7 +401,26 @@ __global__ void __launch_bounds__(256)
     if (lane < k) {
       ids_out[t * k + lane] = id;
       w_out[t * k + lane] = __float2bfloat16_rn(my_val / (sum + 1e-20f) * p.rsf);
+      if (kPlan) bucket[lane] = PlanBucket(id, q);
     }
+  }
+  if (!kPlan) return;
+  __syncthreads();
+  // offsets[b]: the slots in buckets below b (offsets[E_loc]: the local ones); slot j's row: its
+  // bucket's offset plus the earlier slots of that bucket (non-local slots after the local
+  // rows, in slot order; slot_to_row -1 and row_to_slot -1 for them)
+  for (int b = threadIdx.x; b <= q.num_local; b += blockDim.x) {
+    int below = 0;
+    for (int j = 0; j < k; ++j) below += bucket[j] < b;
+    q.offsets[b] = below;
+  }
+  if (threadIdx.x < k) {
+    const int j = threadIdx.x, b = bucket[j];
+    int row = 0;
+    for (int i = 0; i < k; ++i) row += bucket[i] < b || (bucket[i] == b && i < j);
+    const bool local = b < q.num_local;
+    q.slot_to_row[j] = local ? row : -1;
+    q.row_to_slot[row] = local ? j : -1;
   }
 }
 
@@ -405,8 +446,8 @@ void DispatchRoute(cudaStream_t stream, const void* logits, const float* bias, i
   const int e = p.num_experts;
   if (p.method == kDeepSeekV3 && p.n_group > 1 && e == 32 * p.n_group &&
       p.num_tokens <= kRouteGroupsMaxTokens && RouteGroupsEnabled()) {
-    LaunchKernel(RouteGroupsKernel<LogitT>, p.num_tokens, e, 0, stream, RoutePdl(), static_cast<const LogitT*>(logits),
-                 bias, ids, w, p);
+    LaunchKernel(RouteGroupsKernel<LogitT, false>, p.num_tokens, e, 0, stream, RoutePdl(),
+                 static_cast<const LogitT*>(logits), bias, ids, w, p, PlanOut{});
     return;
   }
   if (e <= 32) LaunchRoute<LogitT, 1>(stream, logits, bias, ids, w, p);
@@ -416,79 +457,137 @@ void DispatchRoute(cudaStream_t stream, const void* logits, const float* bias, i
   else LaunchRoute<LogitT, 16>(stream, logits, bias, ids, w, p);
 }
 
-ffi::Error RouteImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
-                     ffi::Result<ffi::Buffer<ffi::S32>> ids,
-                     ffi::Result<ffi::Buffer<ffi::BF16>> weights, int32_t top_k,
-                     int32_t routing_method, int32_t n_group, int32_t topk_group,
-                     float routed_scaling_factor) {
+// The checks jax_moe_route and jax_moe_route_plan share: the logits, bias and outputs, and the
+// routing parameters; `p` gets them.
+ffi::Error CheckRoute(const char* op, const ffi::AnyBuffer& logits, const ffi::Buffer<ffi::F32>& bias,
+                      const ffi::Buffer<ffi::S32>& ids, const ffi::Buffer<ffi::BF16>& weights, int32_t top_k,
+                      int32_t routing_method, int32_t n_group, int32_t topk_group, float routed_scaling_factor,
+                      RouteParams* p) {
+  const std::string o = op;
   const auto ltype = logits.element_type();
   if (ltype != ffi::DataType::F32 && ltype != ffi::DataType::BF16) {
-    return InvalidArgument("jax_moe_route: routing_logits: expected dtype float32 or bfloat16, got "
+    return InvalidArgument(o + ": routing_logits: expected dtype float32 or bfloat16, got "
                            "dtype code " + std::to_string(static_cast<int>(ltype)));
   }
   if (logits.dimensions().size() != 2) {
-    return InvalidArgument("jax_moe_route: routing_logits: expected rank 2 [T, E], got rank " +
+    return InvalidArgument(o + ": routing_logits: expected rank 2 [T, E], got rank " +
                            std::to_string(logits.dimensions().size()));
   }
   const int64_t T = Dim(logits, 0);
   const int64_t E = Dim(logits, 1);
   if (E < 1 || E > kMaxExperts) {
-    return InvalidArgument("jax_moe_route: routing_logits: number of experts must be in [1, " +
+    return InvalidArgument(o + ": routing_logits: number of experts must be in [1, " +
                            std::to_string(kMaxExperts) + "], got " + std::to_string(E));
   }
-  if (T > 0x7fffffffLL) return InvalidArgument("jax_moe_route: routing_logits: too many tokens");
+  if (T > 0x7fffffffLL) return InvalidArgument(o + ": routing_logits: too many tokens");
   if (routing_method < 0 || routing_method > 9) {
-    return InvalidArgument("jax_moe_route: routing_method: expected a value in [0, 9], got " +
+    return InvalidArgument(o + ": routing_method: expected a value in [0, 9], got " +
                            std::to_string(routing_method));
   }
   const int max_k = routing_method == kDeepSeekV3 ? 8 : 32;
   if (top_k < 1 || top_k > max_k || top_k > E) {
-    return InvalidArgument("jax_moe_route: top_k: expected 1 <= top_k <= min(E=" +
-                           std::to_string(E) + ", " + std::to_string(max_k) +
-                           ") for this routing method, got " + std::to_string(top_k));
+    return InvalidArgument(o + ": top_k: expected 1 <= top_k <= min(E=" + std::to_string(E) + ", " +
+                           std::to_string(max_k) + ") for this routing method, got " + std::to_string(top_k));
   }
   if (routing_method == kLlama4 && top_k != 1) {
-    return InvalidArgument("jax_moe_route: top_k: Llama4 routing needs top_k == 1, got " +
-                           std::to_string(top_k));
+    return InvalidArgument(o + ": top_k: Llama4 routing needs top_k == 1, got " + std::to_string(top_k));
   }
   if (n_group < 1 || E % n_group != 0) {
-    return InvalidArgument("jax_moe_route: n_group: expected a divisor of E=" + std::to_string(E) +
-                           ", got " + std::to_string(n_group));
+    return InvalidArgument(o + ": n_group: expected a divisor of E=" + std::to_string(E) + ", got " +
+                           std::to_string(n_group));
   }
   if (routing_method == kDeepSeekV3 && n_group > 1) {
     const int64_t pg = E / n_group;
     if (n_group > 8) {
-      return InvalidArgument("jax_moe_route: n_group: at most 8 groups supported, got " +
-                             std::to_string(n_group));
+      return InvalidArgument(o + ": n_group: at most 8 groups supported, got " + std::to_string(n_group));
     }
     if (pg > 32) {
-      return InvalidArgument("jax_moe_route: n_group: at most 32 experts per group supported, got " +
-                             std::to_string(pg));
+      return InvalidArgument(o + ": n_group: at most 32 experts per group supported, got " + std::to_string(pg));
     }
     if (topk_group < 1 || topk_group > n_group) {
-      return InvalidArgument("jax_moe_route: topk_group: expected 1 <= topk_group <= n_group=" +
-                             std::to_string(n_group) + ", got " + std::to_string(topk_group));
+      return InvalidArgument(o + ": topk_group: expected 1 <= topk_group <= n_group=" + std::to_string(n_group) +
+                             ", got " + std::to_string(topk_group));
     }
     if (top_k > topk_group * pg) {
-      return InvalidArgument("jax_moe_route: top_k: expected top_k <= topk_group * E / n_group = " +
+      return InvalidArgument(o + ": top_k: expected top_k <= topk_group * E / n_group = " +
                              std::to_string(topk_group * pg) + ", got " + std::to_string(top_k));
     }
   }
   JAX_MOE_RETURN_IF_ERROR(CheckShape(bias, "routing_bias", {E}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*ids, "topk_ids (output)", {T, top_k}));
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*weights, "topk_weights (output)", {T, top_k}));
-  if (T == 0) return ffi::Error::Success();
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(ids, "topk_ids (output)", {T, top_k}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(weights, "topk_weights (output)", {T, top_k}));
+  *p = RouteParams{static_cast<int>(T), static_cast<int>(E), top_k, routing_method,
+                   n_group, topk_group, routed_scaling_factor};
+  return ffi::Error::Success();
+}
 
-  RouteParams p{static_cast<int>(T), static_cast<int>(E), top_k, routing_method,
-                n_group, topk_group, routed_scaling_factor};
+ffi::Error RouteImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
+                     ffi::Result<ffi::Buffer<ffi::S32>> ids,
+                     ffi::Result<ffi::Buffer<ffi::BF16>> weights, int32_t top_k,
+                     int32_t routing_method, int32_t n_group, int32_t topk_group,
+                     float routed_scaling_factor) {
+  RouteParams p;
+  JAX_MOE_RETURN_IF_ERROR(CheckRoute("jax_moe_route", logits, bias, *ids, *weights, top_k, routing_method,
+                                     n_group, topk_group, routed_scaling_factor, &p));
+  if (p.num_tokens == 0) return ffi::Error::Success();
   auto* w = reinterpret_cast<__nv_bfloat16*>(weights->typed_data());
-  if (ltype == ffi::DataType::F32) {
+  if (logits.element_type() == ffi::DataType::F32) {
     DispatchRoute<float>(stream, logits.untyped_data(), bias.typed_data(), ids->typed_data(), w, p);
   } else {
     DispatchRoute<__nv_bfloat16>(stream, logits.untyped_data(), bias.typed_data(),
                                  ids->typed_data(), w, p);
   }
   JAX_MOE_CHECK_LAUNCH("jax_moe_route kernel launch");
+  return ffi::Error::Success();
+}
+
+// jax_moe_route_plan: jax_moe_route and then jax_moe_plan of its ids, in one kernel, for one
+// token with DeepSeek-V3 routing over groups of 32 experts (RouteGroupsKernel<kPlan>): the same
+// ids, weights, offsets, slot_to_row and row_to_slot bits as the two calls.
+constexpr int kMaxPlanLocalExperts = 512;  // as jax_moe_plan's
+
+ffi::Error RoutePlanImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
+                         ffi::Result<ffi::Buffer<ffi::S32>> ids, ffi::Result<ffi::Buffer<ffi::BF16>> weights,
+                         ffi::Result<ffi::Buffer<ffi::S32>> offsets, ffi::Result<ffi::Buffer<ffi::S32>> slot_to_row,
+                         ffi::Result<ffi::Buffer<ffi::S32>> row_to_slot, int32_t top_k, int32_t routing_method,
+                         int32_t n_group, int32_t topk_group, float routed_scaling_factor,
+                         int32_t num_local_experts, int32_t expert_offset, int32_t num_experts) {
+  const char* o = "jax_moe_route_plan";
+  RouteParams p;
+  JAX_MOE_RETURN_IF_ERROR(CheckRoute(o, logits, bias, *ids, *weights, top_k, routing_method, n_group, topk_group,
+                                     routed_scaling_factor, &p));
+  if (p.num_tokens != 1) {
+    return InvalidArgument(std::string(o) + ": routing_logits: expected one token, got T=" +
+                           std::to_string(p.num_tokens));
+  }
+  if (p.method != kDeepSeekV3 || p.n_group < 2 || p.num_experts != 32 * p.n_group) {
+    return InvalidArgument(std::string(o) + ": routing_method: expected DeepSeekV3 with groups of 32 experts, got "
+                           "method " + std::to_string(p.method) + ", E=" + std::to_string(p.num_experts) +
+                           ", n_group=" + std::to_string(p.n_group));
+  }
+  if (num_local_experts < 1 || num_local_experts > kMaxPlanLocalExperts) {
+    return InvalidArgument(std::string(o) + ": num_local_experts: expected a value in [1, " +
+                           std::to_string(kMaxPlanLocalExperts) + "], got " + std::to_string(num_local_experts));
+  }
+  if (expert_offset < 0 || num_experts < 0) {
+    return InvalidArgument(std::string(o) + ": expert_offset and num_experts must be >= 0, got " +
+                           std::to_string(expert_offset) + " and " + std::to_string(num_experts));
+  }
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*offsets, "expert_offsets (output)", {num_local_experts + 1}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*slot_to_row, "slot_to_row (output)", {top_k}));
+  JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_to_slot, "row_to_slot (output)", {top_k}));
+  const PlanOut q{offsets->typed_data(), slot_to_row->typed_data(), row_to_slot->typed_data(), num_local_experts,
+                  expert_offset, num_experts};
+  auto* w = reinterpret_cast<__nv_bfloat16*>(weights->typed_data());
+  const cudaError_t err =
+      logits.element_type() == ffi::DataType::F32
+          ? LaunchKernel(RouteGroupsKernel<float, true>, 1, p.num_experts, 0, stream, RoutePdl(),
+                         static_cast<const float*>(logits.untyped_data()), bias.typed_data(), ids->typed_data(), w,
+                         p, q)
+          : LaunchKernel(RouteGroupsKernel<__nv_bfloat16, true>, 1, p.num_experts, 0, stream, RoutePdl(),
+                         static_cast<const __nv_bfloat16*>(logits.untyped_data()), bias.typed_data(),
+                         ids->typed_data(), w, p, q);
+  if (err != cudaSuccess) return CudaError(err, o, "kernel launch");
   return ffi::Error::Success();
 }
 
@@ -509,5 +608,27 @@ XLA_FFI_DEFINE_HANDLER(RouteHandler, RouteImpl,
                        {ffi::Traits::kCmdBufferCompatible});
 
 JAX_MOE_REGISTER_TARGET("jax_moe_route", RouteHandler);
+
+XLA_FFI_DEFINE_HANDLER(RoutePlanHandler, RoutePlanImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()            // routing_logits [1, E]
+                           .Arg<ffi::Buffer<ffi::F32>>()     // routing_bias [E]
+                           .Ret<ffi::Buffer<ffi::S32>>()     // topk_ids [1, k]
+                           .Ret<ffi::Buffer<ffi::BF16>>()    // topk_weights [1, k]
+                           .Ret<ffi::Buffer<ffi::S32>>()     // expert_offsets [E_loc + 1]
+                           .Ret<ffi::Buffer<ffi::S32>>()     // slot_to_row [k]
+                           .Ret<ffi::Buffer<ffi::S32>>()     // row_to_slot [k]
+                           .Attr<int32_t>("top_k")
+                           .Attr<int32_t>("routing_method")
+                           .Attr<int32_t>("n_group")
+                           .Attr<int32_t>("topk_group")
+                           .Attr<float>("routed_scaling_factor")
+                           .Attr<int32_t>("num_local_experts")
+                           .Attr<int32_t>("expert_offset")   // local id = id - expert_offset
+                           .Attr<int32_t>("num_experts"),    // > 0: ids outside [0, E) not local
+                       {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MOE_REGISTER_TARGET("jax_moe_route_plan", RoutePlanHandler);
 
 }  // namespace jax_moe

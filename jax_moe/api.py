@@ -90,8 +90,9 @@ def expected_rows_per_expert(num_tokens, top_k, num_experts):
 
 def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_scale, gemm1_weights,
                 gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, num_experts,
-                local_expert_offset, activation_type, do_finalize):
-    """Steps 1-6 of SPEC section 3 given the routing, with `stages` = `reference` or `ops`."""
+                local_expert_offset, activation_type, do_finalize, plan=None):
+    """Steps 1-6 of SPEC section 3 given the routing, with `stages` = `reference` or `ops` (and
+    the plan, where `ops.route_plan` made it with the routing)."""
     t, k = topk_ids.shape
     h = hidden_states.shape[1]
     if t == 0:
@@ -99,7 +100,8 @@ def run_experts(stages, topk_ids, topk_weights, hidden_states, hidden_states_sca
             return jnp.zeros((0, h), jnp.bfloat16)
         return MoEOutputs(jnp.zeros((0, k, h), jnp.bfloat16), topk_weights, topk_ids)
     e_loc = gemm1_weights.shape[0]
-    plan = stages.plan(topk_ids, e_loc, expert_offset=local_expert_offset, num_experts=num_experts)
+    if plan is None:
+        plan = stages.plan(topk_ids, e_loc, expert_offset=local_expert_offset, num_experts=num_experts)
     # GEMM1's output is rounded to bf16 on every path (reference.G_DTYPE, SPEC 3 step 2).
     rows_per_group = expected_rows_per_expert(t, k, num_experts)  # sets the GEMM tile
     y = stages.expert_gemms(hidden_states, hidden_states_scale, plan, k, gemm1_weights,
@@ -168,8 +170,18 @@ def _stages(cfg, routing_a, routing_b, hidden_states, hidden_states_scale, gemm1
     -> (result, topk_ids, topk_weights)."""
     if cfg.float_hidden:
         hidden_states, hidden_states_scale = quant.quantize_activations(hidden_states)
+    plan = None
     if cfg.routed:
         ids, weights = routing_a, routing_b
+    elif (cfg.use_cuda and routing_a.shape[0] == 1
+          and _cuda_route_supported(cfg.num_experts, cfg.top_k, cfg.routing_method_type, cfg.n_group) is None
+          and ops.route_plan_applies(routing_a.shape[0], cfg.num_experts, cfg.routing_method_type,
+                                     cfg.n_group, offset)):
+        ids, weights, plan = ops.route_plan(
+            routing_a, routing_b, top_k=cfg.top_k, routing_method_type=cfg.routing_method_type,
+            n_group=cfg.n_group, topk_group=cfg.topk_group,
+            routed_scaling_factor=cfg.routed_scaling_factor, num_local_experts=gemm1_weights.shape[0],
+            expert_offset=offset, num_experts=cfg.num_experts)
     else:
         ids, weights = _route(routing_a, routing_b, cfg.top_k, cfg.routing_method_type,
                               cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor,
@@ -178,7 +190,7 @@ def _stages(cfg, routing_a, routing_b, hidden_states, hidden_states_scale, gemm1
                       hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                       gemm2_weights_scale, num_experts=cfg.num_experts,
                       local_expert_offset=offset, activation_type=cfg.activation_type,
-                      do_finalize=cfg.do_finalize)
+                      do_finalize=cfg.do_finalize, plan=plan)
     return out, ids, weights
 
 

@@ -71,6 +71,42 @@ class Plan(NamedTuple):
     row_to_slot: jax.Array  # int32 [T*k], -1 past expert_offsets[E_loc]
 
 
+ROUTE_PLAN_ENV = "JAX_MOE_ROUTE_PLAN"  # "auto" (default) or "off": route and plan as two calls
+
+
+def route_plan_applies(num_tokens, num_experts, routing_method_type, n_group, expert_offset):
+    """Whether `route_plan` serves this call (read at trace time): one token, DeepSeek-V3 routing
+    over groups of 32 experts, a static expert offset, and $JAX_MOE_ROUTE_PLAN not "off"."""
+    try:
+        operator.index(expert_offset)
+    except TypeError:
+        return False
+    return (num_tokens == 1 and routing_method_type == 2 and (n_group or 1) > 1
+            and num_experts == 32 * n_group and _auto_or_off(ROUTE_PLAN_ENV))
+
+
+def route_plan(routing_logits, routing_bias, *, top_k, routing_method_type, n_group, topk_group,
+               routed_scaling_factor, num_local_experts, expert_offset=0, num_experts=None):
+    """`jax_moe_route_plan`: `route` and then `plan` of its ids in one kernel, for one token
+    (`route_plan_applies`) -> (ids int32 [1, k], weights bf16 [1, k], Plan): the same bits as the
+    two calls, one launch and one grid-dependency wait fewer before the first weight load."""
+    t, e = routing_logits.shape
+    bias = (jnp.zeros((e,), jnp.float32) if routing_bias is None
+            else routing_bias.astype(jnp.float32))
+    rsf = 1.0 if routed_scaling_factor is None else routed_scaling_factor
+    ids, weights, offsets, slot_to_row, row_to_slot = _ffi_call(
+        "jax_moe_route_plan",
+        (jax.ShapeDtypeStruct((t, top_k), jnp.int32), jax.ShapeDtypeStruct((t, top_k), jnp.bfloat16),
+         jax.ShapeDtypeStruct((num_local_experts + 1,), jnp.int32),
+         jax.ShapeDtypeStruct((t * top_k,), jnp.int32), jax.ShapeDtypeStruct((t * top_k,), jnp.int32)),
+        vmap_method="sequential",
+    )(routing_logits, bias, top_k=_i32(top_k), routing_method=_i32(routing_method_type),
+      n_group=_i32(n_group or 1), topk_group=_i32(topk_group or 1),
+      routed_scaling_factor=np.float32(rsf), num_local_experts=_i32(num_local_experts),
+      expert_offset=_i32(operator.index(expert_offset)), num_experts=_i32(num_experts or 0))
+    return ids, weights, Plan(offsets, slot_to_row, row_to_slot)
+
+
 def plan(ids, num_local_experts, *, expert_offset=0, num_experts=None):
     """`jax_moe_plan`: expert ids int32 [T, k] -> Plan. Slot (t, j) goes to local expert
     ids[t, j] - expert_offset when that is in [0, E_loc) and, if `num_experts` is given,

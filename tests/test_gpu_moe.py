@@ -491,6 +491,30 @@ def test_stage_pdl_same_bits(monkeypatch, t, e, e_loc, offset, chain):
         assert np.array_equal(out["on", seed], out["off", seed]), f"T={t} seed {seed}"
 
 
+@pytest.mark.parametrize("e, e_loc, offset", [(256, 256, 0), (256, 32, 32), (64, 32, 32)])
+def test_route_plan_in_the_op_same_bits(monkeypatch, request, e, e_loc, offset):
+    """At T=1 the op routes and plans in one kernel (jax_moe_route_plan; $JAX_MOE_ROUTE_PLAN=off
+    gives the two calls, read at trace time): the same output bits either way, and the pure-JAX
+    path's values."""
+    kw = dict(top_k=8, n_group=e // 32, topk_group=min(4, e // 32), routed_scaling_factor=2.5,
+              local_expert_offset=offset)
+    out = {}
+    request.addfinalizer(jax_moe.grad._core.cache_clear)
+    for mode in ("auto", "off"):
+        monkeypatch.setenv(jax_moe.ops.ROUTE_PLAN_ENV, mode)
+        jax_moe.grad._core.cache_clear()  # read at trace time: the cached pipeline would keep it
+        f = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, backend="cuda", **kw))
+        text = f.lower(*inputs(0, 1, 512, 256, e, e_loc=e_loc)).as_text()
+        assert ("jax_moe_route_plan" in text) == (mode == "auto")
+        for seed in range(3):
+            out[mode, seed] = np.asarray(f(*inputs(190 + seed, 1, 512, 256, e, e_loc=e_loc)).astype(jnp.float32))
+    for seed in range(3):
+        assert np.array_equal(out["auto", seed], out["off", seed]), f"seed {seed}"
+    args = inputs(190, 1, 512, 256, e, e_loc=e_loc)
+    xla = jax_moe.fp8_block_scale_moe(*args, backend="xla", **kw)
+    check_close(out["auto", 0], np.asarray(xla.astype(jnp.float32)), "route_plan T=1")
+
+
 @pytest.mark.parametrize("t, e, e_loc, offset", [(1, 256, 256, 0), (16, 256, 256, 0), (64, 256, 32, 64),
                                                  (300, 64, 64, 0)])
 def test_route_pdl_back_to_back_same_bits(monkeypatch, t, e, e_loc, offset):

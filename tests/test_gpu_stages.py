@@ -230,6 +230,50 @@ def test_route_groups_kernel_equals_one_warp_kernel(e, k, ng, tg, dtype):
     assert _ulp_diff(w, r_w).max() <= 1
 
 
+@pytest.mark.parametrize("e,k,ng,tg", [(256, 8, 8, 4), (64, 8, 2, 1), (256, 1, 8, 1)])
+@pytest.mark.parametrize("e_loc,offset,num_experts", [(256, 0, 256), (32, 64, 256), (32, 240, 256),
+                                                      (8, 0, 0), (512, 0, 0)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_route_plan_equals_route_then_plan(e, k, ng, tg, e_loc, offset, num_experts, dtype):
+    """jax_moe_route_plan (one token, DeepSeek-V3 over groups of 32) gives the ids and weights of
+    jax_moe_route and the plan of jax_moe_plan on them, bit for bit, and that plan is the NumPy
+    oracle's -- over tokens with ties, NaN and infinite logits, every slot local, some, or none
+    (a slice past the routed experts)."""
+    rng = np.random.default_rng(_seed("route_plan", e, k, ng, tg, e_loc, offset, num_experts, str(dtype)))
+    rows = np.round(rng.standard_normal((7, e)) * 4) / 4  # ties
+    rows[1] = rng.standard_normal(e)
+    rows[2, 3::7] = np.nan
+    rows[3, : e // 2] = np.inf
+    rows[4] = 0.5
+    rows[5, -40:] += 8.0  # the top experts in the last groups (past a slice at offset 0)
+    rows[6] = rng.standard_normal(e) * 3
+    bias = jnp.asarray((np.round(rng.standard_normal(e) * 4) / 32).astype(np.float32))
+    kw = dict(top_k=k, routing_method_type=R.DeepSeekV3, n_group=ng, topk_group=tg,
+              routed_scaling_factor=2.5)
+    seen_local = set()
+    for row in rows:
+        logits = jnp.asarray(row[None].astype(np.float32)).astype(dtype)
+        ids, w, p = ops.route_plan(logits, bias, **kw, num_local_experts=e_loc, expert_offset=offset,
+                                   num_experts=num_experts)
+        r_ids, r_w = ops.route(logits, bias, **kw)
+        q = ops.plan(r_ids, e_loc, expert_offset=offset, num_experts=num_experts or None)
+        assert _bits(ids) == _bits(r_ids) and _bits(w) == _bits(r_w)
+        for a, b in zip(p, q):
+            assert _bits(a) == _bits(b)
+        g = np.asarray(ids)
+        local = g - offset
+        local = np.where((local >= 0) & (local < e_loc) & ((num_experts == 0) | (g < max(num_experts, 1))),
+                         local, -1)
+        seen_local.add(int((local >= 0).sum()))
+        _check_plan(p, local, e_loc)
+    if (e_loc, offset) in ((256, 0), (512, 0)):
+        assert seen_local == {k}
+    with pytest.raises(Exception, match="expected one token, got T=2"):
+        jax.block_until_ready(ops.route_plan(jnp.zeros((2, e), dtype), bias, **kw, num_local_experts=e_loc))
+    with pytest.raises(Exception, match="num_local_experts: expected a value in"):
+        jax.block_until_ready(ops.route_plan(jnp.zeros((1, e), dtype), bias, **kw, num_local_experts=513))
+
+
 def test_route_deterministic_and_rejects_bad_params():
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.standard_normal((1000, 256)).astype(np.float32))

@@ -258,3 +258,41 @@ def test_static_offset_reaches_the_plan_kernel(monkeypatch, offset):
                             lines.index(plan[0])]
     assert not [line for line in ops_before_plan if "stablehlo." in line], ops_before_plan
 
+
+
+def test_one_token_routes_and_plans_in_one_call(monkeypatch, request):
+    """At T=1 with DeepSeek-V3 routing over groups of 32 and a static offset, the op lowers to
+    jax_moe_route_plan in place of jax_moe_route + jax_moe_plan, with the plan's attributes;
+    not at T=2, not with $JAX_MOE_ROUTE_PLAN=off, not with a traced offset, not with groups of
+    another size."""
+    monkeypatch.setattr(_native, "register_targets", lambda: None)
+    monkeypatch.setattr(api, "_use_cuda", lambda backend: True)
+    request.addfinalizer(jax_moe.grad._core.cache_clear)  # no pipeline traced under a switch stays
+
+    def targets(t, e=64, n_group=2, offset=8, traced=False):
+        jax_moe.grad._core.cache_clear()  # the pipeline is cached per configuration, not per env
+        w = random_moe_inputs(jax.random.PRNGKey(t), num_tokens=t, hidden_size=256,
+                              intermediate_size=128, num_experts=e, local_num_experts=16)
+        kw = dict(top_k=4, n_group=n_group, topk_group=n_group, routed_scaling_factor=2.5)
+        if traced:
+            f = lambda o, *a: jax_moe.fp8_block_scale_moe(*a, local_expert_offset=o, **kw)
+            text = jax.jit(f).lower(jnp.int32(offset), *w).as_text()
+        else:
+            text = jax.jit(functools.partial(jax_moe.fp8_block_scale_moe, local_expert_offset=offset,
+                                             **kw)).lower(*w).as_text()
+        calls = [line for line in text.splitlines() if "stablehlo.custom_call @jax_moe_" in line]
+        return [line.split("@")[1].split("(")[0] for line in calls], calls
+
+    names, calls = targets(1)
+    assert names[0] == "jax_moe_route_plan"
+    assert "jax_moe_route" not in names and "jax_moe_plan" not in names
+    assert ("num_local_experts = 16 : i32" in calls[0] and "expert_offset = 8 : i32" in calls[0]
+            and "num_experts = 64 : i32" in calls[0])
+    assert targets(2)[0][:2] == ["jax_moe_route", "jax_moe_plan"]
+    assert targets(1, traced=True)[0][0] == "jax_moe_route"
+    assert targets(1, e=48, n_group=3)[0][0] == "jax_moe_route"  # groups of 16
+    monkeypatch.setenv(ops.ROUTE_PLAN_ENV, "off")
+    assert targets(1)[0][:2] == ["jax_moe_route", "jax_moe_plan"]
+    monkeypatch.setenv(ops.ROUTE_PLAN_ENV, "on")
+    with pytest.raises(ValueError, match="JAX_MOE_ROUTE_PLAN.*got 'on'"):
+        targets(1)
