@@ -166,9 +166,9 @@ inline bool StagePdl() { return !EnvSwitchedOff("JAX_MOE_STAGE_PDL"); }
 // kernel precedes it on the stream (the op before, another layer's kernel): it waits for that
 // kernel before reading or writing anything, so only its launch and block start overlap that
 // kernel's end, and the finalize, the op's last kernel, lets its own dependent start early
-// (a kernel launched without the attribute does not). On with stage PDL unless
-// $JAX_MOE_ROUTE_PDL=off; read at each launch.
-inline bool RoutePdl() { return StagePdl() && !EnvSwitchedOff("JAX_MOE_ROUTE_PDL"); }
+// (a kernel launched without the attribute does not). Off until measured on an H100: on with
+// stage PDL where $JAX_MOE_ROUTE_PDL=on; read at each launch.
+inline bool RoutePdl() { return StagePdl() && EnvEquals("JAX_MOE_ROUTE_PDL", "on"); }
 
 #ifdef __CUDACC__
 __device__ __forceinline__ void GridDependencyWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }

@@ -518,8 +518,8 @@ def test_route_plan_in_the_op_same_bits(monkeypatch, request, e, e_loc, offset):
 @pytest.mark.parametrize("t, e, e_loc, offset", [(1, 256, 256, 0), (16, 256, 256, 0), (64, 256, 32, 64),
                                                  (300, 64, 64, 0)])
 def test_route_pdl_back_to_back_same_bits(monkeypatch, t, e, e_loc, offset):
-    """The route, launched as a PDL dependent of whatever kernel precedes it (on with stage PDL;
-    $JAX_MOE_ROUTE_PDL=off turns it off), and the finalize letting the next op's route start
+    """The route, launched as a PDL dependent of whatever kernel precedes it ($JAX_MOE_ROUTE_PDL=on
+    with stage PDL; off by default until measured), and the finalize letting the next op's route start
     early: calls enqueued back to back with no sync between them, every other call's logits
     written by an XLA kernel just before it and the others' route right after the op before's
     finalize (a route that read its logits, or wrote its outputs into memory the op before still

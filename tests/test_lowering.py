@@ -262,9 +262,9 @@ def test_static_offset_reaches_the_plan_kernel(monkeypatch, offset):
 
 def test_one_token_routes_and_plans_in_one_call(monkeypatch, request):
     """At T=1 with DeepSeek-V3 routing over groups of 32 and a static offset, the op lowers to
-    jax_moe_route_plan in place of jax_moe_route + jax_moe_plan, with the plan's attributes;
-    not at T=2, not with $JAX_MOE_ROUTE_PLAN=off, not with a traced offset, not with groups of
-    another size."""
+    jax_moe_route_plan in place of jax_moe_route + jax_moe_plan (with $JAX_MOE_ROUTE_PLAN=auto;
+    ops.ROUTE_PLAN_DEFAULT when unset), with the plan's attributes; not at T=2, not with
+    $JAX_MOE_ROUTE_PLAN=off, not with a traced offset, not with groups of another size."""
     monkeypatch.setattr(_native, "register_targets", lambda: None)
     monkeypatch.setattr(api, "_use_cuda", lambda backend: True)
     request.addfinalizer(jax_moe.grad._core.cache_clear)  # no pipeline traced under a switch stays
@@ -283,6 +283,9 @@ def test_one_token_routes_and_plans_in_one_call(monkeypatch, request):
         calls = [line for line in text.splitlines() if "stablehlo.custom_call @jax_moe_" in line]
         return [line.split("@")[1].split("(")[0] for line in calls], calls
 
+    monkeypatch.delenv(ops.ROUTE_PLAN_ENV, raising=False)
+    assert targets(1)[0][0] == ("jax_moe_route_plan" if ops.ROUTE_PLAN_DEFAULT == "auto" else "jax_moe_route")
+    monkeypatch.setenv(ops.ROUTE_PLAN_ENV, "auto")
     names, calls = targets(1)
     assert names[0] == "jax_moe_route_plan"
     assert "jax_moe_route" not in names and "jax_moe_plan" not in names
