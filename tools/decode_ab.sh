@@ -20,6 +20,7 @@ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 IFS='|' read -r -a arms <<<"${ARMS:-JAX_MOE_ROUTE_PDL=off JAX_MOE_ROUTE_PLAN=off|JAX_MOE_ROUTE_PDL=on JAX_MOE_ROUTE_PLAN=off|JAX_MOE_ROUTE_PDL=on JAX_MOE_ROUTE_PLAN=auto}"
 tokens="1 16" ep="64 512" limits=(240 130 90 60)  # seconds per step
 [ -n "${QUICK:-}" ] && tokens=1 limits=(190 75 0 0)
+[ -n "${LIMITS:-}" ] && read -r -a limits <<<"$LIMITS"  # e.g. LIMITS="140 60 0 0"
 tests="decode_chain_in_the_op or any_residency or decode_chain_errors or stage_pdl or route_pdl or route_plan or route_groups"
 [ -n "${QUICK:-}" ] && tests="any_residency or decode_chain_errors or route_pdl or route_plan or route_groups"
 timeout -s KILL ${limits[0]} python -m pytest -q -p no:cacheprovider tests/test_gpu_moe.py tests/test_gpu_stages.py \
