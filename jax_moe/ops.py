@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _native, quant, reference
-from .enums import is_gated
+from .enums import RoutingMethodType, is_gated
 
 BLOCK = quant.BLOCK
 FP8 = quant.FP8
@@ -51,17 +51,27 @@ def route(routing_logits, routing_bias, *, top_k, routing_method_type, n_group=N
           topk_group=None, routed_scaling_factor=None):
     """`jax_moe_route`: logits [T, E] f32|bf16, bias f32 [E] (zeros when absent)
     -> (ids int32 [T, k], weights bf16 [T, k]). SPEC section 2, ties to the lower index."""
-    t, e = routing_logits.shape
-    bias = (jnp.zeros((e,), jnp.float32) if routing_bias is None
-            else routing_bias.astype(jnp.float32))
-    rsf = 1.0 if routed_scaling_factor is None else routed_scaling_factor
+    t, _ = routing_logits.shape
     return _ffi_call(
         "jax_moe_route",
         (jax.ShapeDtypeStruct((t, top_k), jnp.int32), jax.ShapeDtypeStruct((t, top_k), jnp.bfloat16)),
         vmap_method="broadcast_all",
-    )(routing_logits, bias, top_k=_i32(top_k), routing_method=_i32(routing_method_type),
-      n_group=_i32(n_group or 1), topk_group=_i32(topk_group or 1),
-      routed_scaling_factor=np.float32(rsf))
+    )(*_route_operands(routing_logits, routing_bias),
+      **_route_attrs(top_k, routing_method_type, n_group, topk_group, routed_scaling_factor))
+
+
+def _route_operands(routing_logits, routing_bias):
+    """The routing kernels' operands: the logits and the bias in f32 (zeros when absent)."""
+    e = routing_logits.shape[1]
+    bias = jnp.zeros((e,), jnp.float32) if routing_bias is None else routing_bias.astype(jnp.float32)
+    return routing_logits, bias
+
+
+def _route_attrs(top_k, routing_method_type, n_group, topk_group, routed_scaling_factor):
+    """The routing kernels' attributes (the scaling factor 1 when absent)."""
+    rsf = 1.0 if routed_scaling_factor is None else routed_scaling_factor
+    return dict(top_k=_i32(top_k), routing_method=_i32(routing_method_type), n_group=_i32(n_group or 1),
+                topk_group=_i32(topk_group or 1), routed_scaling_factor=np.float32(rsf))
 
 
 # --------------------------------------------------------------------------- plan / permute
@@ -83,7 +93,7 @@ def route_plan_applies(num_tokens, num_experts, routing_method_type, n_group, ex
         operator.index(expert_offset)
     except TypeError:
         return False
-    return (num_tokens == 1 and routing_method_type == 2 and (n_group or 1) > 1
+    return (num_tokens == 1 and routing_method_type == RoutingMethodType.DeepSeekV3 and (n_group or 1) > 1
             and num_experts == 32 * n_group and _auto_or_off(ROUTE_PLAN_ENV, ROUTE_PLAN_DEFAULT))
 
 
@@ -92,20 +102,17 @@ def route_plan(routing_logits, routing_bias, *, top_k, routing_method_type, n_gr
     """`jax_moe_route_plan`: `route` and then `plan` of its ids in one kernel, for one token
     (`route_plan_applies`) -> (ids int32 [1, k], weights bf16 [1, k], Plan): the same bits as the
     two calls, one launch and one grid-dependency wait fewer before the first weight load."""
-    t, e = routing_logits.shape
-    bias = (jnp.zeros((e,), jnp.float32) if routing_bias is None
-            else routing_bias.astype(jnp.float32))
-    rsf = 1.0 if routed_scaling_factor is None else routed_scaling_factor
+    t, _ = routing_logits.shape
     ids, weights, offsets, slot_to_row, row_to_slot = _ffi_call(
         "jax_moe_route_plan",
         (jax.ShapeDtypeStruct((t, top_k), jnp.int32), jax.ShapeDtypeStruct((t, top_k), jnp.bfloat16),
          jax.ShapeDtypeStruct((num_local_experts + 1,), jnp.int32),
          jax.ShapeDtypeStruct((t * top_k,), jnp.int32), jax.ShapeDtypeStruct((t * top_k,), jnp.int32)),
         vmap_method="sequential",
-    )(routing_logits, bias, top_k=_i32(top_k), routing_method=_i32(routing_method_type),
-      n_group=_i32(n_group or 1), topk_group=_i32(topk_group or 1),
-      routed_scaling_factor=np.float32(rsf), num_local_experts=_i32(num_local_experts),
-      expert_offset=_i32(operator.index(expert_offset)), num_experts=_i32(num_experts or 0))
+    )(*_route_operands(routing_logits, routing_bias),
+      **_route_attrs(top_k, routing_method_type, n_group, topk_group, routed_scaling_factor),
+      num_local_experts=_i32(num_local_experts), expert_offset=_i32(operator.index(expert_offset)),
+      num_experts=_i32(num_experts or 0))
     return ids, weights, Plan(offsets, slot_to_row, row_to_slot)
 
 
