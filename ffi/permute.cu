@@ -31,7 +31,6 @@ namespace jax_moe {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kMaxLocalExperts = 512;
 constexpr int kPlanThreads = 256;
 constexpr int kPlanWarps = kPlanThreads / 32;
 constexpr int kScanThreads = 1024;

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "ffi_common.h"
+#include "stages.h"
 
 namespace jax_moe {
 namespace {
@@ -544,8 +545,6 @@ ffi::Error RouteImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi
 // jax_moe_route_plan: jax_moe_route and then jax_moe_plan of its ids, in one kernel, for one
 // token with DeepSeek-V3 routing over groups of 32 experts (RouteGroupsKernel<kPlan>): the same
 // ids, weights, offsets, slot_to_row and row_to_slot bits as the two calls.
-constexpr int kMaxPlanLocalExperts = 512;  // as jax_moe_plan's
-
 ffi::Error RoutePlanImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer<ffi::F32> bias,
                          ffi::Result<ffi::Buffer<ffi::S32>> ids, ffi::Result<ffi::Buffer<ffi::BF16>> weights,
                          ffi::Result<ffi::Buffer<ffi::S32>> offsets, ffi::Result<ffi::Buffer<ffi::S32>> slot_to_row,
@@ -565,9 +564,9 @@ ffi::Error RoutePlanImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer
                            "method " + std::to_string(p.method) + ", E=" + std::to_string(p.num_experts) +
                            ", n_group=" + std::to_string(p.n_group));
   }
-  if (num_local_experts < 1 || num_local_experts > kMaxPlanLocalExperts) {
+  if (num_local_experts < 1 || num_local_experts > kMaxLocalExperts) {
     return InvalidArgument(std::string(o) + ": num_local_experts: expected a value in [1, " +
-                           std::to_string(kMaxPlanLocalExperts) + "], got " + std::to_string(num_local_experts));
+                           std::to_string(kMaxLocalExperts) + "], got " + std::to_string(num_local_experts));
   }
   if (expert_offset < 0 || num_experts < 0) {
     return InvalidArgument(std::string(o) + ": expert_offset and num_experts must be >= 0, got " +

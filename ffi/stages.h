@@ -15,6 +15,9 @@
 
 namespace jax_moe {
 
+// Local experts a plan covers at most (jax_moe_plan, jax_moe_route_plan, the permute's offsets).
+constexpr int kMaxLocalExperts = 512;
+
 // Ints a stage kernel sets to 0 before anything else (StageKernelBegin): count ints at ptr.
 struct ZeroInts {
   int32_t* ptr = nullptr;
