@@ -165,9 +165,9 @@ inline bool StagePdl() { return !EnvSwitchedOff("JAX_MOE_STAGE_PDL"); }
 // Whether the route, the op's first kernel, is also launched as a PDL dependent of whatever
 // kernel precedes it on the stream (the op before, another layer's kernel): it waits for that
 // kernel before reading or writing anything, so only its launch and block start overlap that
-// kernel's end, and the finalize, the op's last kernel, lets its own dependent start early
-// (a kernel launched without the attribute does not). Off until measured on an H100: on with
-// stage PDL where $JAX_MOE_ROUTE_PDL=on; read at each launch.
+// kernel's end (the finalize, the op's last kernel, always lets a PDL dependent start after its
+// own wait). Off until measured on an H100: on with stage PDL where $JAX_MOE_ROUTE_PDL=on; read
+// at each launch.
 inline bool RoutePdl() { return StagePdl() && EnvEquals("JAX_MOE_ROUTE_PDL", "on"); }
 
 #ifdef __CUDACC__

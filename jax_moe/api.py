@@ -175,8 +175,7 @@ def _stages(cfg, routing_a, routing_b, hidden_states, hidden_states_scale, gemm1
         ids, weights = routing_a, routing_b
     elif (cfg.use_cuda and routing_a.shape[0] == 1
           and _cuda_route_supported(cfg.num_experts, cfg.top_k, cfg.routing_method_type, cfg.n_group) is None
-          and ops.route_plan_applies(routing_a.shape[0], cfg.num_experts, cfg.routing_method_type,
-                                     cfg.n_group, offset)):
+          and ops.route_plan_applies(cfg.num_experts, cfg.routing_method_type, cfg.n_group, offset)):
         ids, weights, plan = ops.route_plan(
             routing_a, routing_b, top_k=cfg.top_k, routing_method_type=cfg.routing_method_type,
             n_group=cfg.n_group, topk_group=cfg.topk_group,

@@ -85,15 +85,15 @@ ROUTE_PLAN_ENV = "JAX_MOE_ROUTE_PLAN"  # "auto" or "off": route and plan as two 
 ROUTE_PLAN_DEFAULT = "off"  # until measured on an H100 (written in the thirty-second session)
 
 
-def route_plan_applies(num_tokens, num_experts, routing_method_type, n_group, expert_offset):
-    """Whether `route_plan` serves this call (read at trace time): one token, DeepSeek-V3 routing
+def route_plan_applies(num_experts, routing_method_type, n_group, expert_offset):
+    """Whether `route_plan` serves a one-token call (read at trace time): DeepSeek-V3 routing
     over groups of 32 experts, a static expert offset, and $JAX_MOE_ROUTE_PLAN "auto" (default
     ROUTE_PLAN_DEFAULT)."""
     try:
         operator.index(expert_offset)
     except TypeError:
         return False
-    return (num_tokens == 1 and routing_method_type == RoutingMethodType.DeepSeekV3 and (n_group or 1) > 1
+    return (routing_method_type == RoutingMethodType.DeepSeekV3 and (n_group or 1) > 1
             and num_experts == 32 * n_group and _auto_or_off(ROUTE_PLAN_ENV, ROUTE_PLAN_DEFAULT))
 
 

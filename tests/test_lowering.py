@@ -259,7 +259,6 @@ def test_static_offset_reaches_the_plan_kernel(monkeypatch, offset):
     assert not [line for line in ops_before_plan if "stablehlo." in line], ops_before_plan
 
 
-
 def test_one_token_routes_and_plans_in_one_call(monkeypatch, request):
     """At T=1 with DeepSeek-V3 routing over groups of 32 and a static offset, the op lowers to
     jax_moe_route_plan in place of jax_moe_route + jax_moe_plan (with $JAX_MOE_ROUTE_PLAN=auto;
