@@ -163,6 +163,11 @@ __device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, uint6
       "l"(map), "r"(SmemAddr(bar)), "r"(x), "r"(y)
       : "memory");
 }
+// Pulls the box at (x, y) of `map` into the L2 only (no shared memory, no barrier): a later TmaLoad
+// of it reads the L2 instead of the DRAM.
+__device__ __forceinline__ void TmaPrefetchL2(const CUtensorMap* map, int x, int y) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global [%0, {%1, %2}];" ::"l"(map), "r"(x), "r"(y) : "memory");
+}
 // The same load with an L2 cache policy (createpolicy): for weight tiles that no other CTA reads,
 // evict_first keeps the stream from pushing everything else (the small kernels' code and buffers)
 // out of the L2.
@@ -833,7 +838,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                          const float* __restrict__ b2_scale, const int32_t* __restrict__ offsets, int num_groups,
                          int m, int hidden, int inter, uint8_t* __restrict__ act, float* __restrict__ act_scale,
                          __nv_bfloat16* __restrict__ d, int activation, int* __restrict__ workspace,
-                         int evict_first_max_rows, int trace) {
+                         int evict_first_max_rows, int l2_prefetch, int trace) {
   static_assert(BM <= 64, "64 x 256 tiles, trimmed or not");
   constexpr int BN = 256;
   using S = Smem<BM, BN, 0>;
@@ -966,6 +971,12 @@ __global__ void __launch_bounds__(kThreads, 1)
             stage = first;
             phase = first_phase;
           }
+          // l2_prefetch: while its group's GEMM1 tiles are still running, the tile's remaining
+          // weight blocks go to the L2, so the DRAM streams them during the wait
+          if (l2_prefetch && LoadAcquire(done + c.g) < gemm1_tiles(c.g))
+            for (int kb = early; kb < kbs; ++kb)
+#pragma unroll
+              for (int i = 0; i < BN / 64; ++i) TmaPrefetchL2(&map_b2, kb * BK, c.g * hidden + c.n0 + 64 * i);
           AwaitCount(done + c.g, gemm1_tiles(c.g));
           FenceProxyAsyncGlobal();  // the activations were written through the generic proxy
         }
@@ -1441,6 +1452,13 @@ JAX_MOE_REGISTER_TARGET("jax_moe_act_quant_gemm", ActQuantGemmHandler);
 // permute kernel zeroes the chain's whole workspace: its counters and claim flags.
 namespace {
 
+// Whether a GEMM2 tile of the chain that has to wait for its group's GEMM1 tiles first sends its
+// weight blocks past the pipeline's stages to the L2 (TmaPrefetchL2), so that the DRAM streams
+// them during the wait (at T=1 the CTAs finish their GEMM1 tiles over several microseconds and
+// idle until the group's last one is done). Same loads, same sums: the same bits. Off until
+// measured on an H100: on where $JAX_MOE_CHAIN_L2_PREFETCH=on, read at each launch.
+inline bool ChainL2Prefetch() { return EnvEquals("JAX_MOE_CHAIN_L2_PREFETCH", "on"); }
+
 template <int BM>
 cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter, const void* rows,
                         const float* row_scales, const void* w1, const float* w1_scale, const void* w2,
@@ -1466,7 +1484,7 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
   return LaunchKernel(kernel, ctas, kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
                       row_scales, w1_scale, w2_scale, offsets, g, m, hidden, inter, static_cast<uint8_t*>(act),
                       act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows(),
-                      int(EnvEquals("JAX_MOE_CHAIN_TRACE", "1")));  // read at each launch: a diagnostic
+                      int(ChainL2Prefetch()), int(EnvEquals("JAX_MOE_CHAIN_TRACE", "1")));  // a diagnostic
 }
 
 ffi::Error PermuteGemmChainImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,

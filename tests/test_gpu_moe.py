@@ -398,7 +398,9 @@ def test_decode_chain_any_residency(monkeypatch, block_m, t, k, e_loc):
     which CTAs are resident: with one CTA, three, and 1024 (far more than fit: the resident ones
     claim the static tiles of those that are not, which later find them taken and pass their
     loaded stages through), the same bits as with one CTA per SM ($JAX_MOE_CHAIN_CTAS, read at
-    each launch; a fresh executable per setting)."""
+    each launch; a fresh executable per setting). Likewise with the waiting GEMM2 tiles' weight
+    blocks sent to the L2 first ($JAX_MOE_CHAIN_L2_PREFETCH=on): only where the bytes come from
+    changes."""
     from jax_moe import ops
     h, i = 384, 256
     p, hq, hs, w1, w1s = _pair_operands(5 * t + k, t, k, e_loc, h, 2 * i)
@@ -406,19 +408,20 @@ def test_decode_chain_any_residency(monkeypatch, block_m, t, k, e_loc):
     m = int(p.expert_offsets[-1])
     assert m > 0
     out = {}
-    for ctas in ("", "1", "3", "1024"):
+    for ctas, prefetch in (("", ""), ("1", ""), ("3", ""), ("1024", ""), ("", "on"), ("3", "on")):
         monkeypatch.setenv("JAX_MOE_CHAIN_CTAS", ctas)
+        monkeypatch.setenv("JAX_MOE_CHAIN_L2_PREFETCH", prefetch)
         jax.clear_caches()
         chain = jax.jit(ops.permute_gemm_chain_raw, static_argnums=(3, 8, 9))
         for rep in range(2):  # the counters and claim flags are zeroed again each call
             d, q, qs = jax.block_until_ready(chain(hq, hs, p, k, w1, w1s, w2, w2s, A.Swiglu, block_m))
-            out[ctas, rep] = (np.asarray(d[:m]).view(np.uint16), np.asarray(q[:m]).view(np.uint8),
-                              np.asarray(qs))
-    d0, q0, qs0 = out["", 0]
+            out[ctas, prefetch, rep] = (np.asarray(d[:m]).view(np.uint16),
+                                        np.asarray(q[:m]).view(np.uint8), np.asarray(qs))
+    d0, q0, qs0 = out["", "", 0]
     assert np.any(d0 != 0)
     for key, (d, q, qs) in out.items():
-        assert np.array_equal(d, d0) and np.array_equal(q, q0), f"CTAs {key}"
-        assert np.array_equal(qs[:m * i // 128], qs0[:m * i // 128]), f"CTAs {key}"
+        assert np.array_equal(d, d0) and np.array_equal(q, q0), f"CTAs, L2 prefetch, call {key}"
+        assert np.array_equal(qs[:m * i // 128], qs0[:m * i // 128]), f"CTAs, L2 prefetch, call {key}"
 
 
 @pytest.mark.parametrize("t, e, e_loc, offset", [(1, 256, 256, 0), (16, 256, 256, 0), (64, 256, 32, 64)])

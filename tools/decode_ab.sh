@@ -3,10 +3,11 @@
 # chain, of PDL and of the one-token route + plan kernel (the same bits with each switch, calls
 # back to back), then device times per op in-process with each arm, at decode and EP sizes with
 # the T=1 timeline, then the decode rows of the benchmark. Default arms: JAX_MOE_ROUTE_PDL off and
-# JAX_MOE_ROUTE_PLAN off (the defaults, the thirty-first session's op) / route PDL only / both.
+# JAX_MOE_ROUTE_PLAN off (the defaults, the thirty-first session's op) / route PDL only / both /
+# both and JAX_MOE_CHAIN_L2_PREFETCH=on.
 # Logs under $OUT (or ./decode_ab_out); the T= lines are printed last. Build first on the CPU
 # machine with tools/build_for_device.sh and carry jax_moe/_ffi.cpython-312-x86_64-linux-gnu.so.
-#   bash tools/decode_ab.sh       (QUICK=1: T=1 only, no bench; ~4.5 min)
+#   bash tools/decode_ab.sh       (QUICK=1: T=1 only, no bench; ~5 min)
 #   ARMS="JAX_MOE_STAGE_PDL=off|" bash tools/decode_ab.sh    (other arms, '|'-separated)
 set -u
 cd "$(dirname "$0")/.."
@@ -17,9 +18,10 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 t0=$(date +%s)
 el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-IFS='|' read -r -a arms <<<"${ARMS:-JAX_MOE_ROUTE_PDL=off JAX_MOE_ROUTE_PLAN=off|JAX_MOE_ROUTE_PDL=on JAX_MOE_ROUTE_PLAN=off|JAX_MOE_ROUTE_PDL=on JAX_MOE_ROUTE_PLAN=auto}"
+both="JAX_MOE_ROUTE_PDL=on JAX_MOE_ROUTE_PLAN=auto"
+IFS='|' read -r -a arms <<<"${ARMS:-JAX_MOE_ROUTE_PDL=off JAX_MOE_ROUTE_PLAN=off|JAX_MOE_ROUTE_PDL=on JAX_MOE_ROUTE_PLAN=off|$both|$both JAX_MOE_CHAIN_L2_PREFETCH=on}"
 tokens="1 16" ep="64 512" limits=(240 130 90 60)  # seconds per step
-[ -n "${QUICK:-}" ] && tokens=1 limits=(190 75 0 0)
+[ -n "${QUICK:-}" ] && tokens=1 limits=(220 100 0 0)
 [ -n "${LIMITS:-}" ] && read -r -a limits <<<"$LIMITS"  # e.g. LIMITS="140 60 0 0"
 tests="decode_chain_in_the_op or any_residency or decode_chain_errors or stage_pdl or route_pdl or route_plan or route_groups"
 [ -n "${QUICK:-}" ] && tests="any_residency or decode_chain_errors or route_pdl or route_plan or route_groups"
