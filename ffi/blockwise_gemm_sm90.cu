@@ -1484,7 +1484,7 @@ cudaError_t LaunchChain(cudaStream_t stream, int g, int m, int hidden, int inter
   return LaunchKernel(kernel, ctas, kThreads, smem, stream, /*pdl=*/true, map_a1, map_b1, map_a2, map_b2,
                       row_scales, w1_scale, w2_scale, offsets, g, m, hidden, inter, static_cast<uint8_t*>(act),
                       act_scales, static_cast<__nv_bfloat16*>(d), activation, workspace, EvictFirstMaxRows(),
-                      int(ChainL2Prefetch()), int(EnvEquals("JAX_MOE_CHAIN_TRACE", "1")));  // a diagnostic
+                      int(ChainL2Prefetch()), int(EnvEquals("JAX_MOE_CHAIN_TRACE", "1")));  // both read at each launch
 }
 
 ffi::Error PermuteGemmChainImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32> hidden_scale,
