@@ -35,18 +35,6 @@ constexpr int kPlanThreads = 256;
 constexpr int kPlanWarps = kPlanThreads / 32;
 constexpr int kScanThreads = 1024;
 
-// Which ids are local: id - offset in [0, E), and id in [0, num_global) when num_global > 0.
-struct LocalRange {
-  int32_t offset;
-  int32_t num_global;
-};
-
-__device__ __forceinline__ int Bucket(int32_t id, int num_experts, LocalRange lr) {
-  if (lr.num_global > 0 && (id < 0 || id >= lr.num_global)) return num_experts;
-  const int64_t local = static_cast<int64_t>(id) - lr.offset;
-  return (local >= 0 && local < num_experts) ? static_cast<int>(local) : num_experts;
-}
-
 // Adds the bucket counts of slots [begin, end) to the shared-memory histogram `hist` [E + 1]:
 // a shared atomic per local slot, the non-local ones (bucket E: most slots of an expert-parallel
 // slice) summed per warp first. (A warp match_any per round, which aggregates every bucket,
@@ -458,18 +446,10 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
   }
   const int64_t n = static_cast<int64_t>(local_ids.element_count());
   const int64_t e = num_local_experts;
-  if (e < 1 || e > kMaxLocalExperts) {
-    return InvalidArgument("jax_moe_plan: num_local_experts: expected a value in [1, " +
-                           std::to_string(kMaxLocalExperts) + "], got " + std::to_string(e));
-  }
+  JAX_MOE_RETURN_IF_ERROR(CheckPlanAttrs("jax_moe_plan", num_local_experts, expert_offset, num_experts, *offsets));
   if (n > 0x7fffffffLL) {
     return InvalidArgument("jax_moe_plan: local_ids: T*k must be < 2^31, got " + std::to_string(n));
   }
-  if (expert_offset < 0 || num_experts < 0) {
-    return InvalidArgument("jax_moe_plan: expert_offset and num_experts must be >= 0, got " +
-                           std::to_string(expert_offset) + " and " + std::to_string(num_experts));
-  }
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*offsets, "expert_offsets (output)", {e + 1}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*slot_to_row, "slot_to_row (output)", {n}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_to_slot, "row_to_slot (output)", {n}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*scratch, "plan scratch (output)", {-1, e + 1}));
@@ -510,6 +490,20 @@ ffi::Error PlanImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> local_ids,
 }
 
 }  // namespace
+
+ffi::Error CheckPlanAttrs(const char* op, int32_t num_local_experts, int32_t expert_offset, int32_t num_experts,
+                          const ffi::Buffer<ffi::S32>& offsets) {
+  const std::string o = op;
+  if (num_local_experts < 1 || num_local_experts > kMaxLocalExperts) {
+    return InvalidArgument(o + ": num_local_experts: expected a value in [1, " + std::to_string(kMaxLocalExperts) +
+                           "], got " + std::to_string(num_local_experts));
+  }
+  if (expert_offset < 0 || num_experts < 0) {
+    return InvalidArgument(o + ": expert_offset and num_experts must be >= 0, got " + std::to_string(expert_offset) +
+                           " and " + std::to_string(num_experts));
+  }
+  return CheckShape(offsets, "expert_offsets (output)", {int64_t(num_local_experts) + 1});
+}
 
 ffi::Error PermuteStage(cudaStream_t stream, const ffi::AnyBuffer& hidden, const ffi::Buffer<ffi::F32>& hidden_scale,
                         const ffi::Buffer<ffi::S32>& slot_to_row, const ffi::Buffer<ffi::S32>& row_to_slot,

@@ -316,16 +316,9 @@ struct PlanOut {
   int32_t* offsets;
   int32_t* slot_to_row;
   int32_t* row_to_slot;
-  int num_local, expert_offset, num_global;  // as jax_moe_plan's attributes
+  int num_local;  // E_loc, as jax_moe_plan's num_local_experts
+  LocalRange lr;  // which ids are local, as jax_moe_plan's
 };
-
-// jax_moe_plan's bucket of expert id: id - expert_offset when that is a local expert (and id is
-// in [0, num_global) where num_global > 0), else num_local (not local).
-__device__ __forceinline__ int PlanBucket(int32_t id, const PlanOut& q) {
-  if (q.num_global > 0 && (id < 0 || id >= q.num_global)) return q.num_local;
-  const int64_t local = static_cast<int64_t>(id) - q.expert_offset;
-  return (local >= 0 && local < q.num_local) ? static_cast<int>(local) : q.num_local;
-}
 
 // DeepSeek-V3 routing with groups of 32 experts (E = 32 x n_group, n_group <= 8) for small
 // batches: one block per token, one warp per group, expert e in warp e / 32, lane e % 32. The
@@ -402,7 +395,7 @@ __global__ void __launch_bounds__(256)
     if (lane < k) {
       ids_out[t * k + lane] = id;
       w_out[t * k + lane] = __float2bfloat16_rn(my_val / (sum + 1e-20f) * p.rsf);
-      if (kPlan) bucket[lane] = PlanBucket(id, q);
+      if (kPlan) bucket[lane] = Bucket(id, q.num_local, q.lr);
     }
   }
   if (!kPlan) return;
@@ -564,19 +557,11 @@ ffi::Error RoutePlanImpl(cudaStream_t stream, ffi::AnyBuffer logits, ffi::Buffer
                            "method " + std::to_string(p.method) + ", E=" + std::to_string(p.num_experts) +
                            ", n_group=" + std::to_string(p.n_group));
   }
-  if (num_local_experts < 1 || num_local_experts > kMaxLocalExperts) {
-    return InvalidArgument(std::string(o) + ": num_local_experts: expected a value in [1, " +
-                           std::to_string(kMaxLocalExperts) + "], got " + std::to_string(num_local_experts));
-  }
-  if (expert_offset < 0 || num_experts < 0) {
-    return InvalidArgument(std::string(o) + ": expert_offset and num_experts must be >= 0, got " +
-                           std::to_string(expert_offset) + " and " + std::to_string(num_experts));
-  }
-  JAX_MOE_RETURN_IF_ERROR(CheckShape(*offsets, "expert_offsets (output)", {num_local_experts + 1}));
+  JAX_MOE_RETURN_IF_ERROR(CheckPlanAttrs(o, num_local_experts, expert_offset, num_experts, *offsets));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*slot_to_row, "slot_to_row (output)", {top_k}));
   JAX_MOE_RETURN_IF_ERROR(CheckShape(*row_to_slot, "row_to_slot (output)", {top_k}));
   const PlanOut q{offsets->typed_data(), slot_to_row->typed_data(), row_to_slot->typed_data(), num_local_experts,
-                  expert_offset, num_experts};
+                  LocalRange{expert_offset, num_experts}};
   auto* w = reinterpret_cast<__nv_bfloat16*>(weights->typed_data());
   const cudaError_t err =
       logits.element_type() == ffi::DataType::F32

@@ -18,6 +18,18 @@ namespace jax_moe {
 // Local experts a plan covers at most (jax_moe_plan, jax_moe_route_plan, the permute's offsets).
 constexpr int kMaxLocalExperts = 512;
 
+// Which expert ids a plan counts as local (jax_moe_plan, jax_moe_route_plan): id - offset in
+// [0, E_loc), and id in [0, num_global) when num_global > 0.
+struct LocalRange {
+  int32_t offset;
+  int32_t num_global;
+};
+
+// The plan attributes' checks jax_moe_plan and jax_moe_route_plan share: num_local_experts in
+// [1, kMaxLocalExperts], expert_offset and num_experts >= 0, offsets [num_local_experts + 1].
+ffi::Error CheckPlanAttrs(const char* op, int32_t num_local_experts, int32_t expert_offset, int32_t num_experts,
+                          const ffi::Buffer<ffi::S32>& offsets);
+
 // Ints a stage kernel sets to 0 before anything else (StageKernelBegin): count ints at ptr.
 struct ZeroInts {
   int32_t* ptr = nullptr;
@@ -39,6 +51,14 @@ ffi::Error ActQuantStage(cudaStream_t stream, const ffi::AnyBuffer& g, const ffi
                          ZeroInts zero = {});
 
 #ifdef __CUDACC__
+// The plan's bucket of expert id: id - lr.offset when that is a local expert (LocalRange), else
+// num_local (every slot that is not local).
+__device__ __forceinline__ int Bucket(int32_t id, int num_local, LocalRange lr) {
+  if (lr.num_global > 0 && (id < 0 || id >= lr.num_global)) return num_local;
+  const int64_t local = static_cast<int64_t>(id) - lr.offset;
+  return (local >= 0 && local < num_local) ? static_cast<int>(local) : num_local;
+}
+
 // Lets the kernel's PDL dependent (the pair's GEMM) start and zeroes that GEMM's counters (`zero`,
 // none outside a pair) with block 0's threads. Only once the kernel before has finished (after
 // GridDependencyWait, or in a kernel whose start implies it): what the dependent reads before its
